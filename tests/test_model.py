@@ -1,0 +1,251 @@
+"""model.py against references nobody here wrote: transformers' Llama, an explicit-mask attention, F.cross_entropy."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_tiny_llama
+from model import GPT, GPTConfig, sliding_window_attention
+
+SENTENCE = "The capital of France is Paris, and the river that runs through it is called the Seine."
+
+
+def hf_logits(path, idx):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(idx).logits
+
+
+@pytest.mark.parametrize("tied,num_kv_heads", [(True, 2), (False, 2), (False, 4), (True, 1)])
+def test_logits_match_transformers_llama(tmp_path, tied, num_kv_heads):
+    path = make_tiny_llama(tmp_path / "hf", tied=tied, num_kv_heads=num_kv_heads)
+    idx = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    model = GPT.from_pretrained(path).eval()
+    assert model.config.tie_embeddings == tied and model.config.n_kv_head == num_kv_heads
+    with torch.no_grad():
+        ours = model(idx)
+    assert (ours - hf_logits(path, idx)).abs().max().item() <= 1e-4
+
+
+def test_export_reloads_in_transformers_with_same_logits(tmp_path, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    model = GPT.from_pretrained(tiny_llama_dir).eval()
+    out = model.save_pretrained(str(tmp_path / "export"), tokenizer_dir=tiny_llama_dir)
+    idx = torch.randint(0, 512, (1, 33), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(idx)
+    assert (ours - hf_logits(out, idx)).abs().max().item() <= 1e-4
+    assert AutoTokenizer.from_pretrained(out)("the river").input_ids  # tokenizer travelled with the weights
+    again = GPT.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert torch.equal(again(idx), ours)
+
+
+def test_export_untied_model_round_trips(tmp_path):
+    path = make_tiny_llama(tmp_path / "hf", tied=False)
+    model = GPT.from_pretrained(path).eval()
+    out = model.save_pretrained(str(tmp_path / "export"))
+    idx = torch.randint(0, 512, (1, 17), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (model(idx) - hf_logits(out, idx)).abs().max().item() <= 1e-4
+
+
+def test_sharded_safetensors_load(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = make_tiny_llama(tmp_path / "hf", tied=False)
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+    idx = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ours = GPT.from_pretrained(str(tmp_path / "sharded")).eval()(idx)
+    assert (ours - hf_logits(path, idx)).abs().max().item() <= 1e-4
+
+
+def test_real_smollm2_gguf_logits_match_transformers(smollm2_gguf):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(smollm2_gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    idx = torch.tensor([tokenizer(SENTENCE).input_ids])
+    hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    model = GPT.from_pretrained(smollm2_gguf).eval()
+    assert model.config.n_layer == 30 and model.config.n_kv_head == 3 and model.config.vocab_size == 49152
+    with torch.no_grad():
+        expected, ours = hf(idx).logits, model(idx)
+    assert (ours - expected).abs().max().item() <= 1e-3
+    # and the model is a real language model: it predicts most of the sentence's next tokens in its top 10
+    top10 = ours[0, :-1].topk(10, dim=-1).indices
+    hits = (top10 == idx[0, 1:, None]).any(-1).float().mean().item()
+    assert hits > 0.5
+
+
+def explicit_mask_attention(q, k, v, window):
+    T = q.shape[2]
+    i = torch.arange(T)[:, None]
+    j = torch.arange(T)[None, :]
+    mask = (j <= i) & (j > i - window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+@pytest.mark.parametrize("T,window", [(1, 1), (7, 1), (50, 1), (64, 3), (100, 16), (200, 64), (257, 64),
+                                      (300, 70), (128, 128), (40, 100), (333, 333)])
+def test_sliding_window_equals_explicit_mask(T, window):
+    g = torch.Generator().manual_seed(T * 1000 + window)
+    q = torch.randn(2, 4, T, 16, generator=g)
+    k = torch.randn(2, 2, T, 16, generator=g)
+    v = torch.randn(2, 2, T, 16, generator=g)
+    ours = sliding_window_attention(q, k, v, window, {})
+    torch.testing.assert_close(ours, explicit_mask_attention(q, k, v, window), atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_model_equals_explicit_mask_model():
+    """A whole sliding-window model vs the same weights run with explicit masks, including W >= T."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, head_dim=16, mlp_hidden=96,
+                       window=[8, None, 500], max_seq_len=512)
+    model = GPT(config).init_weights().eval()
+    idx = torch.randint(0, 256, (2, 150))
+    captured = []
+    original = F.scaled_dot_product_attention
+
+    def reference(block, x, cos, sin):
+        a = block.attn
+        B, T, _ = x.shape
+        q, k, v = a.qkv(x).split([a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim], -1)
+        from model import apply_rope
+        q = apply_rope(q.view(B, T, a.n_head, a.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(B, T, a.n_kv_head, a.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(B, T, a.n_kv_head, a.head_dim).transpose(1, 2)
+        y = explicit_mask_attention(q, k, v, a.window or T)
+        return a.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    with torch.no_grad():
+        ours = model(idx)
+        x = model.embed(idx)
+        cos, sin = model.rope(0, idx.shape[1], idx.device)
+        for block in model.blocks:
+            x = x + reference(block, block.attn_norm(x), cos, sin)
+            x = x + block.mlp(block.mlp_norm(x))
+        expected = model.lm_head(model.norm(x))
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_memory_is_linear_in_sequence_length():
+    """The largest intermediate of a W=64 layer at T=4096 is far below one T x T score matrix."""
+    q = torch.randn(1, 2, 4096, 16)
+    k = torch.randn(1, 1, 4096, 16)
+    biggest = 0
+
+    def watch(*args, **kwargs):
+        nonlocal biggest
+        out = real(*args, **kwargs)
+        B, H, L, S = args[0].shape[0], args[0].shape[1], args[0].shape[2], args[1].shape[2]
+        biggest = max(biggest, B * H * L * S)
+        return out
+
+    real = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = watch
+    try:
+        sliding_window_attention(q, k, k, 64, {})
+    finally:
+        F.scaled_dot_product_attention = real
+    assert biggest <= 2 * 4096 * 2 * 64 * 2  # scores touched ~ B*H*T*2S, not T*T = 16.7M per head
+
+
+def test_mixed_layers_run_forward_and_backward():
+    config = GPTConfig(vocab_size=300, n_layer=4, n_head=4, n_kv_head=2, n_embd=64, head_dim=16,
+                       mlp_kind=["swiglu", "relu2", "gelu", "silu"], mlp_hidden=[96, 128, 64, 32],
+                       window=[None, 4, 16, None], tie_embeddings=False)
+    model = GPT(config).init_weights()
+    idx = torch.randint(0, 300, (2, 70))
+    loss = model(idx, idx)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model(idx).shape == (2, 70, 300)
+
+
+def test_chunked_loss_equals_plain_cross_entropy_and_gradients():
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=1000, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=16, mlp_hidden=96,
+                       tie_embeddings=True)
+    model = GPT(config).init_weights()
+    model.loss_chunk_rows = 7  # many uneven chunks
+    idx = torch.randint(0, 1000, (3, 25))
+    targets = torch.randint(0, 1000, (3, 25))
+    targets[0, :5] = -100
+    targets[2, -3:] = -100
+
+    loss = model(idx, targets)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    reference = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    reference.backward()
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, targets), reference.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_init_scales_residual_projections_by_depth():
+    config = GPTConfig(vocab_size=500, n_layer=8, n_head=4, n_kv_head=4, n_embd=256, head_dim=64, mlp_hidden=512)
+    model = GPT(config).init_weights()
+    assert abs(model.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+    assert abs(model.blocks[0].mlp.down.weight.std().item() - 0.02 / 4) < 0.001
+    assert torch.equal(model.norm.weight, torch.ones(256))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad input names what is wrong
+
+def test_missing_path_is_a_named_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        GPT.from_pretrained(str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        GPT.from_pretrained(str(tmp_path / "missing.gguf"))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model_type", "gpt2", "model_type"),
+    ("attention_bias", True, "attention_bias"),
+    ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope scaling"),
+    ("hidden_act", "gelu", "hidden_act"),
+    ("qk_norm", True, "qk_norm"),
+])
+def test_unsupported_config_fields_are_refused_by_name(tmp_path, tiny_llama_dir, field, value, message):
+    import shutil
+
+    path = tmp_path / "edited"
+    shutil.copytree(tiny_llama_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    config[field] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        GPT.from_pretrained(str(path))
+
+
+def test_export_refuses_non_llama_layers_by_index(tmp_path):
+    config = GPTConfig(vocab_size=100, n_layer=3, n_head=2, n_kv_head=2, n_embd=32, head_dim=16, mlp_hidden=64,
+                       mlp_kind=["swiglu", "relu2", "swiglu"], window=[None, None, 8])
+    with pytest.raises(ValueError, match=r"layers \[1, 2\]"):
+        GPT(config).save_pretrained(str(tmp_path / "x"))
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_bad_gpt_config_values_are_named():
+    with pytest.raises(ValueError, match="mlp_kind\\[1\\]"):
+        GPTConfig(n_layer=2, mlp_kind=["swiglu", "tanh"])
+    with pytest.raises(ValueError, match="window has 3 entries"):
+        GPTConfig(n_layer=2, window=[None, 4, 4])
