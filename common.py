@@ -461,3 +461,103 @@ def peak_flops(device):
         if key in name:
             return flops
     return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading models and tokenizers from anything the repo reads or writes
+
+def is_checkpoint(source):
+    return source.endswith(".pt") or (os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json"))
+                                      and bool(complete_checkpoints(source)))
+
+
+def latest_checkpoint(run_dir, prefix="step_"):
+    found = complete_checkpoints(run_dir, prefix)
+    return found[-1] if found else None
+
+
+def load_model(source, map_location="cpu"):
+    """A GPT from one of our checkpoints (.pt, or a run dir -> its latest complete checkpoint), an HF model
+    dir, a hub id or a .gguf file. Returns (model, checkpoint dict or None)."""
+    from model import GPT, GPTConfig
+
+    if is_checkpoint(source):
+        path = latest_checkpoint(source) if os.path.isdir(source) else source
+        checkpoint = load_checkpoint(path, map_location=map_location)
+        model = GPT(GPTConfig.from_dict(checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+        return model, checkpoint
+    return GPT.from_pretrained(source), None
+
+
+def tokenizer_source(source, checkpoint=None):
+    """Where a model's tokenizer lives: the run dir's tokenizer/ copy, what a checkpoint recorded, or the
+    model source itself (HF dir, hub id, .gguf)."""
+    if checkpoint is not None:
+        run_copy = os.path.join(os.path.dirname(os.path.abspath(source)) if source.endswith(".pt") else source,
+                                "tokenizer")
+        if os.path.isdir(run_copy):
+            return run_copy
+        recorded = checkpoint.get("tokenizer")
+        if not recorded:
+            raise ValueError(f"checkpoint '{source}' records no tokenizer and has no tokenizer/ beside it")
+        return recorded
+    return source
+
+
+def load_tokenizer(source):
+    """A Hugging Face tokenizer from an HF dir, hub id, or .gguf file (never with remote code)."""
+    from transformers import AutoTokenizer
+
+    if source.endswith(".gguf"):
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"GGUF file '{source}' does not exist")
+        folder, name = os.path.split(os.path.abspath(source))
+        return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if not os.path.exists(source) and not (source.count("/") == 1 and not source.startswith((".", "/"))):
+        raise FileNotFoundError(f"tokenizer source '{source}' does not exist")
+    return AutoTokenizer.from_pretrained(source)
+
+
+def save_tokenizer_copy(tokenizer, run_dir):
+    """Keep the tokenizer inside the run dir, so its checkpoints stay usable wherever they are moved."""
+    path = os.path.join(run_dir, "tokenizer")
+    if not os.path.isdir(path):
+        tmp = f"{path}.tmp.{os.getpid()}"
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def check_data_matches_tokenizer(data_dir, tokenizer, vocab_size):
+    """Refuse shards tokenized by a different tokenizer (by vocabulary fingerprint) or with a bigger vocab."""
+    from data import read_manifest, tokenizer_fingerprint
+
+    manifest = read_manifest(data_dir)
+    recorded = manifest["tokenizer"]
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if recorded["fingerprint"] != fingerprint:
+        raise SystemExit(f"{data_dir}/manifest.json: shards were made with tokenizer '{recorded['source']}' "
+                         f"(fingerprint {recorded['fingerprint'][:12]}), but the model's tokenizer has fingerprint "
+                         f"{fingerprint[:12]}; re-run prepare.py with this model's tokenizer")
+    if recorded["vocab_size"] > vocab_size:
+        raise SystemExit(f"{data_dir}/manifest.json: tokenizer vocab size {recorded['vocab_size']} exceeds the "
+                         f"model's vocab_size {vocab_size}")
+    return manifest
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, env, ctx):
+    """Mean next-token CE over `batches`, summed over tokens and ranks so it is the same for any world size."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=env.device)
+    for x, y in batches:
+        with ctx:
+            loss = model(x, y)
+        total[0] += loss.double() * y.numel()
+        total[1] += y.numel()
+    if env.ddp:
+        torch.distributed.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
