@@ -1,0 +1,237 @@
+"""Token shards on disk, and the batches that train.py and distill.py read from them.
+
+A shard (llm.c's format): a header of 256 little-endian int32 -- [0] magic 20240520, [1] version 1, [2] ntok --
+then ntok little-endian uint16 token ids. A dataset directory holds shards and manifest.json; prepare.py writes
+the manifest last, so a directory without one is unfinished. Every reader of a shard goes through load_shard.
+"""
+import bisect
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_SHARD_TOKENS = 2**31 - 1  # ntok is an int32 in the header
+
+MANIFEST_KEYS = ("shards", "tokenizer", "totals")
+SHARD_KEYS = ("split", "file", "bytes", "sha256", "ntok")
+TOKENIZER_KEYS = ("source", "vocab_size", "fingerprint", "separator_id", "separator_token")
+
+
+class ShardError(ValueError):
+    """A shard that is missing, truncated or not in our format; the message names the file and the fault."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shards
+
+def write_shard(path, tokens):
+    """Write `tokens` as a shard, atomically (temp file, fsync, rename). Returns the file's sha256 hex."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"shard '{path}': expected a 1-D array of token ids, got shape {tokens.shape}")
+    if tokens.dtype != np.uint16:
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"shard '{path}': expected integer token ids, got dtype {tokens.dtype}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
+            raise ValueError(f"shard '{path}': token ids must fit uint16 (0..65535), "
+                             f"got min {tokens.min()} and max {tokens.max()}")
+    if not 0 < tokens.size <= MAX_SHARD_TOKENS:
+        raise ValueError(f"shard '{path}': expected 1..{MAX_SHARD_TOKENS} tokens, got {tokens.size}")
+    body = np.ascontiguousarray(tokens, dtype="<u2")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, body.size
+    digest = hashlib.sha256(header.tobytes())
+    digest.update(memoryview(body))
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(memoryview(body))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return digest.hexdigest()
+
+
+def load_shard(path):
+    """Validate a shard's header and size, then map its tokens (uint16, no copy into memory)."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise ShardError(f"shard '{path}' does not exist") from None
+    if size < HEADER_BYTES:
+        raise ShardError(f"shard '{path}' is truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, ntok = (int(v) for v in header[:3])
+    if magic != MAGIC:
+        raise ShardError(f"shard '{path}' has magic {magic}, expected {MAGIC}: not a token shard of this repo")
+    if version != VERSION:
+        raise ShardError(f"shard '{path}' has format version {version}, expected {VERSION}")
+    if ntok <= 0:
+        raise ShardError(f"shard '{path}' header says ntok={ntok}, expected a positive token count")
+    expected = HEADER_BYTES + 2 * ntok
+    if size != expected:
+        raise ShardError(f"shard '{path}' is {size} bytes but its header says ntok={ntok}, so it should be "
+                         f"{expected} bytes ({HEADER_BYTES} header + 2 * ntok): truncated or a wrong token count")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(ntok,))
+
+
+def read_manifest(data_dir):
+    """Load data_dir/manifest.json and check that the keys readers rely on are there."""
+    path = os.path.join(data_dir, "manifest.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"'{path}' does not exist: '{data_dir}' is not a prepared dataset, or prepare.py "
+                                f"has not finished there (it writes the manifest last); run "
+                                f"`python prepare.py --out-dir {data_dir}`")
+    with open(path, encoding="utf-8") as f:
+        try:
+            manifest = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"'{path}' is not valid JSON ({e})") from e
+    for key in MANIFEST_KEYS:
+        if key not in manifest:
+            raise ValueError(f"'{path}' has no '{key}' key; expected a manifest written by prepare.py")
+    for i, shard in enumerate(manifest["shards"]):
+        for key in SHARD_KEYS:
+            if key not in shard:
+                raise ValueError(f"'{path}': shards[{i}] has no '{key}' key (it has {sorted(shard)})")
+    for key in TOKENIZER_KEYS:
+        if key not in manifest["tokenizer"]:
+            raise ValueError(f"'{path}': 'tokenizer' has no '{key}' key (it has {sorted(manifest['tokenizer'])})")
+    return manifest
+
+
+def tokenizer_fingerprint(tokenizer):
+    """sha256 of the token -> id mapping, added tokens included, as canonical JSON.
+
+    Only the vocabulary goes in, not file layout or config, so the same tokenizer gives the same fingerprint
+    whether it was loaded from a hub snapshot, a local dir or a GGUF-converted dir. Accepts a transformers
+    tokenizer or a raw `tokenizers.Tokenizer`.
+    """
+    import tokenizers
+
+    if isinstance(tokenizer, tokenizers.Tokenizer):
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+    else:
+        vocab = tokenizer.get_vocab()  # transformers' get_vocab includes added tokens
+    canonical = json.dumps(sorted(vocab.items(), key=lambda kv: (kv[1], kv[0])), ensure_ascii=False,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches
+
+class TokenLoader:
+    """Endless (x, y) batches from one split: its shards in order form one flat stream that wraps at the end.
+
+    Window k is stream[k*B*T : k*B*T + B*T + 1], so a batch may cross document and shard boundaries. Rank r of
+    W reads windows r, r+W, r+2W, ...: together the ranks read each window once. Where the ranks are in the
+    stream is one integer (`position`, the same on every rank), which makes resume exact.
+    """
+
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, device="cpu", vocab_size=None):
+        manifest = read_manifest(data_dir)
+        shards = [s for s in manifest["shards"] if s["split"] == split]
+        if not shards:
+            present = sorted({s["split"] for s in manifest["shards"]})
+            raise ValueError(f"'{os.path.join(data_dir, 'manifest.json')}' lists no '{split}' shards "
+                             f"(splits present: {present})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.data_dir, self.split = data_dir, split
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.device, self.vocab_size = str(device), vocab_size
+        self.paths = [os.path.join(data_dir, s["file"]) for s in shards]
+        self.sizes = [int(s["ntok"]) for s in shards]
+        self.starts = [0]
+        for n in self.sizes[:-1]:
+            self.starts.append(self.starts[-1] + n)
+        self.total = sum(self.sizes)
+        if self.total < batch_size * seq_len + 1:
+            raise ValueError(f"split '{split}' of '{data_dir}' has {self.total} tokens, fewer than one batch "
+                             f"window of batch_size * seq_len + 1 = {batch_size * seq_len + 1}")
+        self._shards = {}  # shard index -> memmap; opened, and vocab-checked, on first use
+        self.position = 0  # stream offset where the ranks' next round of windows starts
+
+    @property
+    def epoch(self):
+        """How many times the stream has wrapped."""
+        return self.position // self.total
+
+    def next_batch(self):
+        window = self.batch_size * self.seq_len
+        batch = self._batch(self.position + self.rank * window)
+        self.position += self.world_size * window
+        return batch
+
+    def state_dict(self):
+        return {"split": self.split, "position": self.position, "total_tokens": self.total,
+                "batch_size": self.batch_size, "seq_len": self.seq_len, "world_size": self.world_size,
+                "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        """Continue at the saved stream position (any rank may load rank 0's state: it is the same on all)."""
+        if state["split"] != self.split or int(state["total_tokens"]) != self.total:
+            raise ValueError(f"loader state is for split '{state['split']}' with {state['total_tokens']} tokens, "
+                             f"but this loader reads split '{self.split}' of '{self.data_dir}' with {self.total} "
+                             f"tokens: the data changed since the checkpoint was saved")
+        self.position = int(state["position"])
+
+    def _batch(self, start):
+        """The window of B*T+1 tokens at stream offset `start`, as (x, y) on the device."""
+        B, T = self.batch_size, self.seq_len
+        buf = torch.from_numpy(self._tokens(start, B * T + 1).astype(np.int64))
+        if self.device.startswith("cuda"):
+            # one pinned host buffer, copied once; x and y are views of it on the GPU
+            buf = buf.pin_memory().to(self.device, non_blocking=True)
+        return buf[:-1].view(B, T), buf[1:].view(B, T)
+
+    def _tokens(self, start, count):
+        out = np.empty(count, dtype=np.uint16)
+        pos, filled = start % self.total, 0
+        while filled < count:
+            i = bisect.bisect_right(self.starts, pos) - 1
+            lo = pos - self.starts[i]
+            n = min(count - filled, self.sizes[i] - lo)
+            out[filled:filled + n] = self._shard(i)[lo:lo + n]
+            filled += n
+            pos = (pos + n) % self.total
+        return out
+
+    def _shard(self, i):
+        if i not in self._shards:
+            tokens = load_shard(self.paths[i])
+            if len(tokens) != self.sizes[i]:
+                raise ShardError(f"shard '{self.paths[i]}' holds {len(tokens)} tokens but manifest.json says "
+                                 f"{self.sizes[i]}")
+            if self.vocab_size is not None:
+                largest = int(tokens.max())
+                if largest >= self.vocab_size:
+                    raise ValueError(f"shard '{self.paths[i]}' holds token id {largest}, but the model's vocab_size "
+                                     f"is {self.vocab_size}: the shards were made with a different tokenizer")
+            self._shards[i] = tokens
+        return self._shards[i]
+
+
+def val_batches(data_dir, batch_size, seq_len, num_tokens, rank=0, world_size=1, device="cpu", vocab_size=None):
+    """The fixed val set: the first `num_tokens` val tokens (or all, if fewer) cut into windows of B*T+1.
+
+    The windows do not depend on the world size; rank r yields windows r, r+W, ..., so summing losses and token
+    counts over ranks gives the same number for any W. Checks happen here, before the first batch.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    loader = TokenLoader(data_dir, "val", batch_size, seq_len, device=device, vocab_size=vocab_size)
+    window = batch_size * seq_len
+    n_windows = (min(num_tokens, loader.total) - 1) // window
+    if n_windows < 1:
+        raise ValueError(f"val: num_tokens={num_tokens} is less than one window of batch_size * seq_len + 1 = "
+                         f"{window + 1} tokens")
+    return (loader._batch(k * window) for k in range(rank, n_windows, world_size))
