@@ -136,6 +136,10 @@ def _constant_types(namespace):
             tp = annotations[name]
             if isinstance(tp, str):  # `from __future__ import annotations` would make every type a string
                 raise TypeError(f"constant {name} has a string annotation {tp!r}; write the type itself")
+        elif isinstance(default, tuple) and default:  # (0.9, 0.95) means exactly two floats
+            tp = tuple[tuple(type(v) for v in default)]
+        elif isinstance(default, list) and default and len({type(v) for v in default}) == 1:
+            tp = list[type(default[0])]
         elif isinstance(default, (bool, int, float, str, list, tuple, dict)):
             tp = type(default)
         else:
