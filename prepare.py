@@ -1,0 +1,644 @@
+"""Fetch the model and its tokenizer, stream a text dataset, and tokenize it into uint16 shards + manifest.json.
+
+    python prepare.py                                # SmolLM2-135M into models/, ~4 GiB of fineweb-edu into data/
+    python prepare.py --smoke-test                   # tiny budgets and shards: the whole path in about a minute
+    python prepare.py --dataset 'corpus/*.jsonl' --model models/my_hf_model --out-dir data/mine
+    python prepare.py --verify data/fineweb_edu      # re-hash every shard against the manifest
+
+How: documents are read in the source's order; a hash of each document's text sends it to val (VAL_FRACTION of
+them) or train, so the splits are disjoint by construction and repeated texts always land in the same split.
+Each document is preceded by the tokenizer's separator; each split is one token stream cut into shards of
+exactly SHARD_TOKENS. After every shard is renamed into place, the run's position (source state, counters and
+the other split's unfinished tokens) is saved, so a rerun continues at the last shard and writes byte-identical
+shards whatever the interruption. manifest.json is written last, as the mark that the directory is complete.
+"""
+import glob
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+from collections import deque
+from datetime import datetime, timezone
+from typing import Optional
+
+import numpy as np
+
+# each worker process tokenizes on one thread: WORKERS processes are the parallelism, and tokenizer threads in
+# every process would fight them for the same cores
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+OUT_DIR = "data/fineweb_edu"  # where the shards and manifest.json go
+MODEL = "HuggingFaceTB/SmolLM2-135M"  # tokenizer (and model) source: hub id, local HF dir, or a .gguf file
+MODEL_DIR: Optional[str] = None  # where the hub snapshot / GGUF conversion goes; None = models/<name of MODEL>
+DATASET = "HuggingFaceFW/fineweb-edu"  # hub dataset id, or local .txt/.jsonl/.parquet files or globs, comma-separated
+DATASET_CONFIG: Optional[str] = "sample-10BT"  # hub dataset config (unused for local files)
+SPLIT = "train"  # hub dataset split to stream (unused for local files)
+TEXT_FIELD = "text"  # the field holding a document's text (.jsonl/.parquet; a .txt is split at blank lines)
+TRAIN_BYTES = 4 * 2**30  # UTF-8 text bytes to tokenize for train (the document that crosses it is kept whole)
+VAL_BYTES = 256 * 2**20  # UTF-8 text bytes to tokenize for val
+SHARD_TOKENS = 100_000_000  # tokens per shard; the last shard of each split holds the rest
+VAL_FRACTION = 1 / 16  # share of documents (by hash of their text) that go to val; 1/16 fills both default budgets together
+WORKERS = 0  # tokenizer processes; 0 = one per CPU core
+DOCS_PER_BATCH = 256  # documents per read from the source and per task sent to a worker
+SMOKE_TEST = False  # tiny budgets and shards (below), into OUT_DIR + "_smoke" when OUT_DIR is the default
+FORCE = False  # delete this OUT_DIR's shards, progress and manifest, then start over
+VERIFY: Optional[str] = None  # re-hash every shard of this dataset dir against its manifest.json, then exit
+
+SMOKE_TRAIN_BYTES = 8 * 2**20  # train budget under --smoke-test
+SMOKE_VAL_BYTES = 512 * 2**10  # val budget under --smoke-test
+SMOKE_SHARD_TOKENS = 1_000_000  # shard size under --smoke-test
+NETWORK_RETRIES = 8  # tries for a hub download or stream read, waiting 1, 2, 4 ... 60 s between them
+
+# lower case: fixed by the code, not settable by the config layer
+local_builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+split_names = ("train", "val")  # a document's split is its index in this tuple
+progress_file = "prepare_progress.json"
+shard_name = re.compile(r"^(train|val)_\d{6}\.bin$")
+temp_name = re.compile(r"^((train|val)_\d{6}\.bin|manifest\.json|prepare_progress\.json)\.tmp\.\d+$")
+
+
+class PrepareError(SystemExit):
+    """A problem for the user to fix: exits non-zero with the message."""
+
+    def __init__(self, message):
+        super().__init__(f"prepare.py: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model and tokenizer
+
+def default_model_dir(model):
+    name = os.path.basename(os.path.normpath(model))
+    name = name[:-len(".gguf")] if name.endswith(".gguf") else name
+    return os.path.join("models", re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"))
+
+
+def with_retries(what, fn):
+    """Call fn(); on a failure wait 1, 2, 4 ... 60 s and try again, NETWORK_RETRIES times in all."""
+    for attempt in range(NETWORK_RETRIES):
+        try:
+            return fn()
+        except Exception as e:  # the hub client raises many kinds (OSError, httpx, HfHubHTTPError)
+            if attempt == NETWORK_RETRIES - 1:
+                raise PrepareError(f"{what} failed {NETWORK_RETRIES} times; last error: {type(e).__name__}: {e}")
+            wait = min(60, 2**attempt)
+            print(f"{what} failed ({type(e).__name__}: {e}); retrying in {wait} s", flush=True)
+            time.sleep(wait)
+
+
+def fetch_model(model, model_dir):
+    """Make sure an HF model dir with the tokenizer exists for `model`; returns its path.
+
+    A hub id is downloaded into model_dir, a .gguf file is converted into it, a local HF dir is used in place.
+    model_dir/prepare_source.json is written last: its presence means the dir is complete (no network needed).
+    """
+    if os.path.isdir(model):
+        return model
+    mark = os.path.join(model_dir, "prepare_source.json")
+    if os.path.exists(mark):
+        with open(mark, encoding="utf-8") as f:
+            made_from = json.load(f)["source"]
+        if made_from != model:
+            raise PrepareError(f"model dir '{model_dir}' was made from '{made_from}', not '{model}'; "
+                               f"pass --model-dir to put this model elsewhere")
+        return model_dir
+    if model.endswith(".gguf"):
+        if not os.path.exists(model):
+            raise PrepareError(f"--model: GGUF file '{model}' does not exist")
+        print(f"converting {model} into {model_dir}")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, name = os.path.split(os.path.abspath(model))
+        tmp = f"{model_dir}.tmp.{os.getpid()}"
+        hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        hf_model.config.quantization_config = None  # the weights are dequantised now: save them as plain fp32
+        if hasattr(hf_model, "hf_quantizer"):
+            hf_model.hf_quantizer = None
+        hf_model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+        write_json({"source": model, "kind": "gguf", "created": now()}, os.path.join(tmp, "prepare_source.json"))
+        if os.path.exists(model_dir):
+            raise PrepareError(f"model dir '{model_dir}' exists but was not made by prepare.py; remove it or "
+                               f"pass --model-dir")
+        os.makedirs(os.path.dirname(os.path.abspath(model_dir)), exist_ok=True)
+        os.replace(tmp, model_dir)
+        return model_dir
+    if model.count("/") != 1 or model.startswith((".", "/")):
+        raise PrepareError(f"--model '{model}' is neither a local HF dir, a .gguf file, nor a hub id (owner/name)")
+    from huggingface_hub import snapshot_download
+
+    print(f"downloading {model} into {model_dir}")
+    with_retries(f"downloading {model}", lambda: snapshot_download(repo_id=model, local_dir=model_dir))
+    write_json({"source": model, "kind": "hub", "created": now()}, mark)
+    return model_dir
+
+
+def tokenizer_identity(model, model_dir):
+    """Load the tokenizer and describe it for the manifest; refuse ids that do not fit uint16."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    vocab = tokenizer.get_vocab()
+    vocab_size = max(len(tokenizer), max(vocab.values()) + 1)
+    if vocab_size > 2**16:
+        raise PrepareError(f"tokenizer of '{model}' has {vocab_size} ids; shards store uint16 ids, so at most "
+                           f"65536 fit")
+    # the GPT-2 family's document separator; tokenizers without one separate documents with their EOS token
+    separator = "<|endoftext|>" if "<|endoftext|>" in vocab else tokenizer.eos_token
+    if separator is None:
+        raise PrepareError(f"tokenizer of '{model}' has neither <|endoftext|> nor an eos_token to separate "
+                           f"documents with")
+    info = {"source": model, "model_dir": model_dir, "vocab_size": vocab_size,
+            "fingerprint": tokenizer_fingerprint(tokenizer), "separator_id": vocab[separator],
+            "separator_token": separator}
+    return info, tokenizer.backend_tokenizer.to_str()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Source documents
+
+def describe_source(dataset):
+    """The dataset as a JSON-able dict: a hub dataset, or the local files (sorted) and their builder."""
+    parts = [p.strip() for p in dataset.split(",") if p.strip()]
+    if not any(glob.has_magic(p) or os.path.exists(p) or p.endswith(tuple(local_builders)) for p in parts):
+        return {"kind": "hub", "dataset": dataset, "config": DATASET_CONFIG, "split": SPLIT,
+                "text_field": TEXT_FIELD}
+    files = []
+    for pattern in parts:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise PrepareError(f"--dataset: '{pattern}' matches no file")
+        files += matches
+    extensions = {os.path.splitext(f)[1] for f in files}
+    if len(extensions) != 1 or next(iter(extensions)) not in local_builders:
+        raise PrepareError(f"--dataset: expected files of one kind ({', '.join(local_builders)}), got "
+                           f"{sorted(extensions)}")
+    if all(os.path.getsize(f) == 0 for f in files):
+        raise PrepareError(f"--dataset: {', '.join(files)} {'is' if len(files) == 1 else 'are'} empty")
+    builder = local_builders[extensions.pop()]
+    return {"kind": "local", "builder": builder,
+            "files": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f)} for f in files],
+            "text_field": "text" if builder == "text" else TEXT_FIELD}
+
+
+def source_name(source):
+    return source["dataset"] if source["kind"] == "hub" else ", ".join(f["path"] for f in source["files"])
+
+
+def open_dataset(source, state):
+    """A streaming datasets.IterableDataset over the source, positioned at `state` (None = the start)."""
+    from datasets import load_dataset
+
+    if source["kind"] == "hub":
+        ds = with_retries(f"opening {source['dataset']}", lambda: load_dataset(
+            source["dataset"], source["config"], split=source["split"], streaming=True))
+    else:
+        options = {"sample_by": "paragraph"} if source["builder"] == "text" else {}
+        ds = load_dataset(source["builder"], data_files=[f["path"] for f in source["files"]], split="train",
+                          streaming=True, **options)
+    if state is not None:
+        ds.load_state_dict(state)
+    return ds
+
+
+def read_batches(source, state, first_doc):
+    """Yield (source state before the batch, index of its first document, its texts) from `state` on.
+
+    A failed hub read is retried from the state before the failed batch, so no document is lost or repeated.
+    """
+    ds = open_dataset(source, state)
+    batches = ds.iter(batch_size=DOCS_PER_BATCH)
+    failures, loaded = 0, state
+    while True:
+        # a loaded state only takes effect when iteration starts: until then state_dict() reports the start
+        before = loaded if loaded is not None else ds.state_dict()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:
+            if source["kind"] != "hub" or failures == NETWORK_RETRIES - 1:
+                raise
+            wait = min(60, 2**failures)
+            failures += 1
+            print(f"reading {source['dataset']} failed ({type(e).__name__}: {e}); retrying in {wait} s", flush=True)
+            time.sleep(wait)
+            ds = open_dataset(source, before)
+            batches = ds.iter(batch_size=DOCS_PER_BATCH)
+            loaded = before
+            continue
+        failures, loaded = 0, None
+        if source["text_field"] not in batch:
+            raise PrepareError(f"{source_name(source)}: text field '{source['text_field']}' not found; the "
+                               f"documents have fields {sorted(batch)} (pass --text-field)")
+        texts = batch[source["text_field"]]
+        yield before, first_doc, texts
+        first_doc += len(texts)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Worker processes: split assignment and tokenization
+
+def init_worker(tokenizer_json):
+    global worker_tokenizer
+    from tokenizers import Tokenizer
+
+    worker_tokenizer = Tokenizer.from_str(tokenizer_json)
+
+
+def document_split(data, val_fraction):
+    """0 (train) or 1 (val), from a hash of the document's UTF-8 bytes: the same text, the same split."""
+    h = int.from_bytes(hashlib.sha256(data).digest()[:8], "little")
+    return 1 if h < val_fraction * 2**64 else 0
+
+
+def tokenize_batch(texts, first_doc, separator_id, val_fraction, open_splits):
+    """For each document: its split, its UTF-8 size and its token count; and all tokens, each document's
+    preceded by the separator. Documents of a split that is already full are not tokenized (count 0)."""
+    splits = np.zeros(len(texts), np.int8)
+    text_bytes = np.zeros(len(texts), np.int64)
+    todo = []
+    for i, text in enumerate(texts):
+        if text is None:
+            continue
+        if not isinstance(text, str):
+            raise TypeError(f"document #{first_doc + i}: the text field holds {type(text).__name__}, "
+                            f"expected a string")
+        data = text.encode("utf-8")
+        text_bytes[i] = len(data)
+        if data:
+            splits[i] = document_split(data, val_fraction)
+            if open_splits[splits[i]]:
+                todo.append(i)
+    ids = [e.ids for e in worker_tokenizer.encode_batch_fast([texts[i] for i in todo], add_special_tokens=False)]
+    counts = np.zeros(len(texts), np.int64)
+    counts[todo] = [len(x) + 1 for x in ids]
+    sep = (separator_id,)
+    tokens = np.fromiter(itertools.chain.from_iterable(itertools.chain.from_iterable(zip(itertools.repeat(sep), ids))),
+                         dtype=np.uint16, count=int(counts.sum()))
+    return splits, text_bytes, counts, tokens
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shards and progress
+
+class SplitWriter:
+    """One split's token stream, cut into shards of exactly `shard_tokens` in a preallocated buffer.
+
+    The tokens of the unfinished shard are appended to <split>.partial at each checkpoint, so a rerun can
+    pick them up; that file is emptied once a checkpoint no longer needs its tokens.
+    """
+
+    def __init__(self, split, out_dir, shard_tokens, budget, counters):
+        self.split, self.out_dir, self.budget = split, out_dir, budget
+        self.buffer = np.empty(shard_tokens, np.uint16)
+        self.fill = 0
+        self.persisted = 0  # tokens of the buffer already in the .partial file
+        self.flushed = False  # the buffer went into a shard since the last checkpoint
+        self.partial_path = os.path.join(out_dir, f"{split}.partial")
+        self.text_bytes, self.documents = counters["text_bytes"], counters["documents"]
+        self.shards, self.tokens = counters["shards"], counters["tokens"]
+
+    def full(self):
+        return self.text_bytes >= self.budget
+
+    def counters(self):
+        return {"text_bytes": self.text_bytes, "documents": self.documents, "shards": self.shards,
+                "tokens": self.tokens, "partial_tokens": self.fill}
+
+    def restore_partial(self, ntok):
+        """Reload the unfinished shard's tokens saved by the last checkpoint; False if they are not all there."""
+        have = os.path.getsize(self.partial_path) // 2 if os.path.exists(self.partial_path) else 0
+        if have < ntok:
+            return False
+        if ntok:
+            self.buffer[:ntok] = np.fromfile(self.partial_path, dtype="<u2", count=ntok)
+        with open(self.partial_path, "ab") as f:
+            f.truncate(2 * ntok)  # anything later was written after the last checkpoint
+        self.fill = self.persisted = ntok
+        return True
+
+    def add(self, tokens):
+        """Copy as many tokens as fit in the current shard; returns how many."""
+        n = min(len(tokens), len(self.buffer) - self.fill)
+        self.buffer[self.fill:self.fill + n] = tokens[:n]
+        self.fill += n
+        self.tokens += n
+        return n
+
+    def flush(self):
+        """Write the buffer as the next shard; returns its manifest record."""
+        name = f"{self.split}_{self.shards:06d}.bin"
+        sha = write_shard(os.path.join(self.out_dir, name), self.buffer[:self.fill])
+        record = {"split": self.split, "file": name, "bytes": HEADER_BYTES + 2 * self.fill, "sha256": sha,
+                  "ntok": self.fill}
+        self.shards += 1
+        self.fill = 0
+        self.flushed = True
+        return record
+
+    def persist(self):
+        if not self.flushed and self.fill > self.persisted:
+            with open(self.partial_path, "ab") as f:
+                f.write(memoryview(self.buffer[self.persisted:self.fill]))
+                f.flush()
+                os.fsync(f.fileno())
+            self.persisted = self.fill
+
+    def trim(self):
+        if self.flushed:
+            with open(self.partial_path, "wb"):
+                pass
+            self.persisted, self.flushed = 0, False
+
+
+def save_progress(out_dir, progress, writers):
+    """The checkpoint: unfinished tokens first, then the progress file (atomic), then drop what it replaced."""
+    for writer in writers:
+        writer.persist()
+        progress["splits"][writer.split] = writer.counters()
+    atomic_write_text(json.dumps(progress, indent=1) + "\n", os.path.join(out_dir, progress_file))
+    for writer in writers:
+        writer.trim()
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def shard_problems(data_dir, records):
+    """One line for each recorded shard that is missing, of the wrong size or hash, or not a valid shard."""
+    problems = []
+    for record in records:
+        path = os.path.join(data_dir, record["file"])
+        if not os.path.exists(path):
+            problems.append(f"{path}: missing")
+            continue
+        size = os.path.getsize(path)
+        if size != record["bytes"]:
+            problems.append(f"{path}: {size} bytes, the manifest says {record['bytes']}")
+            continue
+        digest = file_sha256(path)
+        if digest != record["sha256"]:
+            problems.append(f"{path}: sha256 {digest} does not match the recorded {record['sha256']}")
+            continue
+        try:
+            ntok = len(load_shard(path))
+        except ShardError as e:
+            problems.append(str(e))
+            continue
+        if ntok != record["ntok"]:
+            problems.append(f"{path}: holds {ntok} tokens, the manifest says {record['ntok']}")
+    return problems
+
+
+def verify(data_dir):
+    manifest = read_manifest(data_dir)
+    problems = shard_problems(data_dir, manifest["shards"])
+    for line in problems:
+        print(f"MISMATCH {line}")
+    total = sum(s["bytes"] for s in manifest["shards"])
+    if problems:
+        print(f"{data_dir}: {len(problems)} of {len(manifest['shards'])} shards failed verification")
+        return 1
+    print(f"{data_dir}: all {len(manifest['shards'])} shards ({total / 1e6:.1f} MB) match manifest.json")
+    return 0
+
+
+def remove_outputs(out_dir):
+    """Delete what prepare.py writes in out_dir (and nothing else)."""
+    for name in os.listdir(out_dir):
+        if shard_name.match(name) or temp_name.match(name) or name in ("manifest.json", progress_file, "train.partial",
+                                                                        "val.partial"):
+            os.remove(os.path.join(out_dir, name))
+
+
+def differences(old, new, prefix=""):
+    """'key: old -> new' for each leaf that differs between two JSON-like dicts."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return lines
+
+
+def write_json(obj, path):
+    atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+def now():
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    # imported here because the config layer and data.py import torch, and the worker processes, which import
+    # this file, need neither
+    from tqdm import tqdm
+
+    from common import atomic_write_text, configure
+
+    default_out_dir = OUT_DIR
+    config = configure(globals())
+    from data import HEADER_BYTES, VERSION, ShardError, load_shard, read_manifest, tokenizer_fingerprint, write_shard
+    if VERIFY:
+        sys.exit(verify(VERIFY))
+    if SMOKE_TEST:
+        TRAIN_BYTES, VAL_BYTES, SHARD_TOKENS = SMOKE_TRAIN_BYTES, SMOKE_VAL_BYTES, SMOKE_SHARD_TOKENS
+        OUT_DIR = OUT_DIR + "_smoke" if OUT_DIR == default_out_dir else OUT_DIR
+        print(f"smoke test: train {TRAIN_BYTES} bytes, val {VAL_BYTES} bytes, {SHARD_TOKENS} tokens per shard, "
+              f"into {OUT_DIR}")
+    if not 0 < SHARD_TOKENS < 2**31 or TRAIN_BYTES <= 0 or VAL_BYTES <= 0 or not 0 < VAL_FRACTION < 1:
+        raise PrepareError(f"expected 0 < shard_tokens < 2**31, positive byte budgets and 0 < val_fraction < 1; "
+                           f"got shard_tokens={SHARD_TOKENS}, train_bytes={TRAIN_BYTES}, val_bytes={VAL_BYTES}, "
+                           f"val_fraction={VAL_FRACTION}")
+    workers = WORKERS or os.cpu_count() or 1
+
+    # the model snapshot (train.py and distill.py load the tokenizer from it) and the tokenizer's identity
+    model_dir = fetch_model(MODEL, MODEL_DIR or default_model_dir(MODEL))
+    tokenizer_info, tokenizer_json = tokenizer_identity(MODEL, model_dir)
+    source = describe_source(DATASET)
+    budgets = {"train_bytes": TRAIN_BYTES, "val_bytes": VAL_BYTES}
+    # everything the shards' bytes depend on; WORKERS and DOCS_PER_BATCH do not change them
+    identity = {"tokenizer": {k: tokenizer_info[k] for k in ("fingerprint", "separator_id")}, "source": source,
+                "budgets": budgets, "shard_tokens": SHARD_TOKENS, "val_fraction": VAL_FRACTION, "format": VERSION}
+
+    # a finished run, an interrupted one, or a fresh start
+    os.makedirs(OUT_DIR, exist_ok=True)
+    if FORCE:
+        remove_outputs(OUT_DIR)
+    manifest_path = os.path.join(OUT_DIR, "manifest.json")
+    if os.path.exists(manifest_path):
+        manifest = read_manifest(OUT_DIR)
+        if manifest.get("identity") != identity:
+            raise PrepareError(f"'{OUT_DIR}' already holds a finished prepare with other settings:\n  "
+                               + "\n  ".join(differences(manifest.get("identity", {}), identity))
+                               + "\nuse --force to replace it, or another --out-dir")
+        for name in (progress_file, "train.partial", "val.partial"):  # left if a run died right after the manifest
+            if os.path.exists(os.path.join(OUT_DIR, name)):
+                os.remove(os.path.join(OUT_DIR, name))
+        totals = manifest["totals"]
+        print(f"'{OUT_DIR}' is already prepared ({manifest['created']}): "
+              + ", ".join(f"{s} {totals[s]['shards']} shards / {totals[s]['tokens']:,} tokens" for s in split_names)
+              + "; nothing to do (--verify to re-hash, --force to redo)")
+        sys.exit(0)
+
+    progress = None
+    progress_path = os.path.join(OUT_DIR, progress_file)
+    if os.path.exists(progress_path):
+        with open(progress_path, encoding="utf-8") as f:
+            progress = json.load(f)
+        if progress["identity"] != identity:
+            raise PrepareError(f"'{OUT_DIR}' holds an unfinished prepare with other settings:\n  "
+                               + "\n  ".join(differences(progress["identity"], identity))
+                               + "\nrerun with the same settings to continue it, or use --force to start over")
+        problems = shard_problems(OUT_DIR, progress["shards"])
+        if problems:
+            print("the interrupted run's shards do not verify, starting over:\n  " + "\n  ".join(problems))
+            progress = None
+    if progress is None:
+        remove_outputs(OUT_DIR)
+        zero = {"text_bytes": 0, "documents": 0, "shards": 0, "tokens": 0, "partial_tokens": 0}
+        progress = {"identity": identity, "shards": [], "splits": {s: dict(zero) for s in split_names},
+                    "position": {"source_state": None, "batch_first_doc": 0, "doc": 0, "skip_tokens": 0,
+                                 "check_doc": None, "check_sha256": None}}
+    writers = [SplitWriter(s, OUT_DIR, SHARD_TOKENS, budgets[f"{s}_bytes"], progress["splits"][s]) for s in split_names]
+    for writer in writers:
+        if not writer.restore_partial(progress["splits"][writer.split]["partial_tokens"]):
+            raise PrepareError(f"'{writer.partial_path}' lost tokens saved by the interrupted run; use --force to "
+                               f"start over")
+    kept = {record["file"] for record in progress["shards"]}
+    for name in os.listdir(OUT_DIR):  # shards and temp files that a killed run wrote after its last checkpoint
+        if (shard_name.match(name) and name not in kept) or temp_name.match(name):
+            os.remove(os.path.join(OUT_DIR, name))
+    if progress["shards"] or any(w.fill for w in writers):
+        print(f"resuming: {len(progress['shards'])} verified shards kept, continuing at document "
+              f"#{progress['position']['doc']} of {source_name(source)}")
+
+    done_bytes = sum(w.text_bytes for w in writers)
+    written = sum(r["bytes"] for r in progress["shards"])
+    # a uint16 shard takes at most one byte per text byte while tokens average >= 2 bytes of text (BPE on
+    # natural text averages ~4), so the budget itself bounds the room needed
+    need = TRAIN_BYTES + VAL_BYTES - written
+    free = shutil.disk_usage(OUT_DIR).free
+    if free < need:
+        raise PrepareError(f"'{OUT_DIR}' has {free / 2**30:.2f} GiB free, but the budget of "
+                           f"{(TRAIN_BYTES + VAL_BYTES) / 2**30:.2f} GiB of text needs up to {need / 2**30:.2f} GiB "
+                           f"more for shards; free space or lower --train-bytes/--val-bytes")
+
+    # tokenize: the main process reads documents in order and fills the shards, the workers tokenize
+    position = progress["position"]
+    resume_doc, resume_skip = position["doc"], position["skip_tokens"]
+    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(tokenizer_json,))
+    batches = read_batches(source, position["source_state"], position["batch_first_doc"])
+    pending = deque()  # (source state, first doc index, texts, async result), in source order
+    bar = tqdm(total=TRAIN_BYTES + VAL_BYTES, initial=done_bytes, unit="B", unit_scale=True, desc="tokenizing",
+               smoothing=0.05)
+    start_time, exhausted, documents_seen = time.time(), False, resume_doc
+    try:
+        while not all(w.full() for w in writers):
+            while not exhausted and len(pending) < 2 * workers + 2:
+                batch = next(batches, None)
+                if batch is None:
+                    exhausted = True
+                    break
+                before, first_doc, texts = batch
+                # the first batch after a resume may hold the document cut by the last shard: tokenize it anyway
+                open_splits = [not w.full() or first_doc <= resume_doc for w in writers]
+                pending.append((before, first_doc, texts, pool.apply_async(
+                    tokenize_batch, (texts, first_doc, tokenizer_info["separator_id"], VAL_FRACTION, open_splits))))
+            if not pending:
+                break
+            before, first_doc, texts, result = pending.popleft()
+            splits, text_bytes, counts, tokens = result.get()
+            ends = np.cumsum(counts)
+            documents_seen = first_doc + len(texts)
+            for i in range(len(texts)):
+                doc = first_doc + i
+                if doc == position["check_doc"]:
+                    if hashlib.sha256(texts[i].encode("utf-8")).hexdigest() != position["check_sha256"]:
+                        raise PrepareError(f"resuming: document #{doc} of {source_name(source)} is not the one the "
+                                           f"interrupted run saw; the source changed, use --force to start over")
+                if doc < resume_doc or text_bytes[i] == 0:
+                    continue
+                writer = writers[splits[i]]
+                skip = resume_skip if doc == resume_doc else 0
+                if skip == 0:  # a document cut by the last checkpoint was counted before it
+                    if writer.full():
+                        continue
+                    writer.text_bytes += int(text_bytes[i])
+                    writer.documents += 1
+                    bar.update(int(text_bytes[i]))
+                doc_tokens = tokens[ends[i] - counts[i]:ends[i]]
+                while skip < len(doc_tokens):
+                    skip += writer.add(doc_tokens[skip:])
+                    if writer.fill == len(writer.buffer):
+                        progress["shards"].append(writer.flush())
+                        cut = skip < len(doc_tokens)
+                        progress["position"] = {
+                            "source_state": before, "batch_first_doc": first_doc, "doc": doc if cut else doc + 1,
+                            "skip_tokens": skip if cut else 0, "check_doc": doc,
+                            "check_sha256": hashlib.sha256(texts[i].encode("utf-8")).hexdigest()}
+                        save_progress(OUT_DIR, progress, writers)
+            resume_skip = 0
+    except KeyboardInterrupt:
+        pool.terminate()
+        raise PrepareError(f"interrupted; {len(progress['shards'])} completed shards are kept in '{OUT_DIR}': "
+                           f"rerun the same command to continue")
+    pool.terminate()
+    bar.close()
+
+    # the last, shorter shard of each split, then the manifest, written last as the mark of completion
+    for writer in writers:
+        if writer.documents == 0:
+            raise PrepareError(f"{source_name(source)} has no non-empty documents for the {writer.split} split "
+                               f"(read {documents_seen} documents); it is empty or too small")
+        if writer.fill:
+            progress["shards"].append(writer.flush())
+    seconds = time.time() - start_time
+    new_bytes = sum(w.text_bytes for w in writers) - done_bytes
+    if exhausted and not all(w.full() for w in writers):
+        print(f"note: {source_name(source)} ran out after {documents_seen} documents, before the budgets were met "
+              f"(train {writers[0].text_bytes}/{TRAIN_BYTES}, val {writers[1].text_bytes}/{VAL_BYTES} bytes)")
+    manifest = {
+        "format": {"magic": 20240520, "version": VERSION, "header_ints": 256, "dtype": "uint16"},
+        "created": now(),
+        "tokenizer": tokenizer_info,
+        "source": source,
+        "budgets": budgets,
+        "options": {"shard_tokens": SHARD_TOKENS, "val_fraction": VAL_FRACTION, "workers": workers,
+                    "docs_per_batch": DOCS_PER_BATCH, "smoke_test": SMOKE_TEST},
+        "identity": identity,
+        "totals": {w.split: {"shards": w.shards, "tokens": w.tokens, "text_bytes": w.text_bytes,
+                             "documents": w.documents,
+                             "bytes": sum(r["bytes"] for r in progress["shards"] if r["split"] == w.split)}
+                   for w in writers},
+        "source_exhausted": bool(exhausted and not all(w.full() for w in writers)),
+        "shards": sorted(progress["shards"], key=lambda r: (r["split"] != "train", r["file"])),
+        "stats": {"seconds": round(seconds, 3), "text_bytes_this_run": new_bytes,
+                  "text_mb_per_s": round(new_bytes / 1e6 / max(seconds, 1e-9), 3), "resumed": done_bytes > 0},
+    }
+    write_json(manifest, manifest_path)
+    for name in (progress_file, "train.partial", "val.partial"):
+        if os.path.exists(os.path.join(OUT_DIR, name)):
+            os.remove(os.path.join(OUT_DIR, name))
+    totals = manifest["totals"]
+    print(f"wrote {OUT_DIR}: " + ", ".join(f"{s} {totals[s]['shards']} shards / {totals[s]['tokens']:,} tokens / "
+                                           f"{totals[s]['documents']:,} documents" for s in split_names))
+    print(f"tokenized {new_bytes / 1e6:.1f} MB of text in {seconds:.1f} s ({new_bytes / 1e6 / seconds:.2f} MB/s) "
+          f"with {workers} workers")
