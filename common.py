@@ -471,8 +471,10 @@ def peak_flops(device):
 # Loading models and tokenizers from anything the repo reads or writes
 
 def is_checkpoint(source):
-    return source.endswith(".pt") or (os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json"))
-                                      and bool(complete_checkpoints(source)))
+    # a run dir holds config.json too (the run's config), so HF model dirs are told apart by their weights
+    hf_weights = ("model.safetensors", "model.safetensors.index.json")
+    return source.endswith(".pt") or (os.path.isdir(source) and bool(complete_checkpoints(source))
+                                      and not any(os.path.exists(os.path.join(source, n)) for n in hf_weights))
 
 
 def latest_checkpoint(run_dir, prefix="step_"):
