@@ -1,0 +1,383 @@
+"""distill.py: the student, the phase-1 cache and rotation, the chunked KD losses, resume, DDP and bad input.
+
+Unit tests build tiny random GPTs in-process; the end-to-end tests run distill.py like a user on a tiny random
+HF Llama teacher (3 layers, hidden 64) and shards written with data.write_shard from the teacher's tokenizer.
+"""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, english_like_documents, make_tiny_llama, run_script
+from data import tokenizer_fingerprint, write_shard
+from model import GPT, GPTConfig
+
+import distill
+
+ENV = {"OMP_NUM_THREADS": "1"}  # two processes of torchrun on two cores: no oversubscription
+TINY = ["--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--seq-len", "32", "--eval-tokens", "1024",
+        "--num-batches", "4", "--log-every", "1000", "--loss-chunk", "48"]
+
+
+def tiny_gpt(seed=0, **overrides):
+    fields = dict(vocab_size=96, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, mlp_hidden=64,
+                  max_seq_len=64)
+    fields.update(overrides)
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**fields)).init_weights(std=0.1).eval()
+
+
+def env1():
+    return distill.common.setup_device("cpu")
+
+
+def hidden_states(model, x):
+    """The hidden state entering every layer, and after the last, by running the blocks one by one."""
+    cos, sin = model.rope(0, x.shape[1], x.device)
+    h, out = model.embed(x), []
+    for block in model.blocks:
+        out.append(h)
+        h = block(h, cos, sin)
+    return out + [h]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KD losses
+
+def test_topk_kl_with_k_equal_to_vocab_equals_full_kl_and_smaller_k_bounds_it_from_below():
+    torch.manual_seed(0)
+    s, t = torch.randn(16, 50) * 3, torch.randn(16, 50) * 3
+    for temperature in (1.0, 2.0):
+        full = distill.kl_full(s, t, temperature)
+        torch.testing.assert_close(distill.kl_topk(s, t, 50, temperature), full, rtol=1e-5, atol=1e-6)
+        previous = torch.zeros(16)
+        for k in (1, 5, 20, 49):  # coarser buckets lose divergence: 0 <= KL_k <= KL_k' <= KL_full for k < k'
+            topk = distill.kl_topk(s, t, k, temperature)
+            assert (topk >= previous - 1e-5).all() and (topk <= full + 1e-5).all()
+            previous = topk
+    # one row by hand: teacher top-2 buckets plus the tail, against the student's masses on the same ids
+    p, q = F.softmax(t[0], -1), F.softmax(s[0], -1)
+    ids = p.topk(2).indices
+    P = torch.cat([p[ids], (1 - p[ids].sum()).view(1)])
+    Q = torch.cat([q[ids], (1 - q[ids].sum()).view(1)])
+    torch.testing.assert_close(distill.kl_topk(s[:1], t[:1], 2)[0], (P * (P / Q).log()).sum(), rtol=1e-4, atol=1e-6)
+
+
+def test_kl_is_zero_when_the_student_is_the_teacher_and_positive_otherwise():
+    torch.manual_seed(1)
+    t = torch.randn(8, 40)
+    for kl in (lambda a, b: distill.kl_full(a, b, 2.0), lambda a, b: distill.kl_topk(a, b, 7, 2.0)):
+        assert kl(t, t).abs().max() < 1e-5
+        assert (kl(t + torch.randn(8, 40), t) > 0).all()
+    # full KL matches torch's own, with the T^2 scaling
+    s = torch.randn(8, 40)
+    ref = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="none").sum(-1) * 4
+    torch.testing.assert_close(distill.kl_full(s, t, 2.0), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha,top_k", [(0.0, 0), (0.5, 0), (1.0, 0), (0.7, 5)])
+def test_chunked_distill_loss_equals_the_unchunked_loss_and_gradients(alpha, top_k):
+    torch.manual_seed(2)
+    N, C, V = 37, 16, 50
+    hidden = torch.randn(N, C, requires_grad=True)
+    weight = torch.randn(V, C, requires_grad=True)
+    teacher_hidden, teacher_weight = torch.randn(N, C), torch.randn(V, C)
+    targets = torch.randint(0, V, (N,))
+    targets[3] = -100  # ignored in both CE and KD
+    loss, ce, kd = distill.distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, alpha, 2.0, top_k,
+                                        chunk_rows=8)
+    loss.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+
+    logits, teacher_logits = hidden @ weight.t(), teacher_hidden @ teacher_weight.t()
+    valid = targets != -100
+    ref_ce = F.cross_entropy(logits, targets, ignore_index=-100)
+    per_row = distill.kl_full(logits, teacher_logits, 2.0) if top_k == 0 else distill.kl_topk(logits, teacher_logits,
+                                                                                               top_k, 2.0)
+    ref_kd = per_row[valid].mean()
+    ref = alpha * ref_kd + (1 - alpha) * ref_ce
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(ce, ref_ce.detach())
+    torch.testing.assert_close(kd, ref_kd.detach() if alpha > 0 else torch.tensor(0.0))
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], weight.grad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Student and phase-1 cache
+
+def test_student_starts_as_the_teacher_minus_its_replaced_mlps():
+    teacher = tiny_gpt()
+    config = distill.student_config(teacher.config, "relu2", None, [0, 2], window=16, full_attn_layers=[1])
+    assert config.mlp_kind == ["relu2", "swiglu", "relu2"] and config.mlp_hidden == [32, 64, 32]
+    assert config.window == [16, None, 16]
+    student, new_mlps = distill.build_student(teacher, config)
+    assert new_mlps == [0, 2]
+    # the same function as the teacher whose MLPs 0 and 2 output nothing (with the student's windows)
+    reference = GPT(GPTConfig.from_dict({**teacher.config.__dict__, "window": [16, None, 16]})).eval()
+    reference.load_state_dict(teacher.state_dict())
+    for i in new_mlps:
+        reference.blocks[i].mlp.down.weight.data.zero_()
+    x = torch.randint(0, 96, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(student(x), reference(x))
+    with pytest.raises(SystemExit, match="out of range"):
+        distill.student_config(teacher.config, mlp_layers=[3])
+
+
+@pytest.mark.parametrize("latent", ["teacher", "student"])
+@pytest.mark.parametrize("target", ["decoder", "block"])
+def test_cached_latent_entering_each_layer_is_the_models_own_hidden_state(latent, target):
+    teacher = tiny_gpt(0)
+    student, _ = distill.build_student(teacher, distill.student_config(teacher.config, "relu2"))
+    torch.manual_seed(5)
+    for block in student.blocks:  # a student that differs from the teacher everywhere
+        block.mlp.down.weight.data.normal_(0, 0.1)
+    tokens = [torch.randint(0, 96, (2, 24)) for _ in range(3)]
+    ctx = torch.autocast("cpu", enabled=False)
+    cache = distill.start_cache(teacher, tokens, latent == "student", "cpu", ctx)
+    with torch.no_grad():
+        teacher_h = [hidden_states(teacher, x) for x in tokens]
+        student_h = [hidden_states(student, x) for x in tokens]
+    for i in range(3):
+        distill.advance_cache(cache, teacher, student, i, ctx)
+        for n in range(3):
+            torch.testing.assert_close(cache["teacher"][n], teacher_h[n][i], rtol=1e-5, atol=1e-5)
+            if latent == "student":
+                torch.testing.assert_close(cache["student"][n], student_h[n][i], rtol=1e-5, atol=1e-5)
+        inputs, targets = distill.layer_io(cache, teacher, student, i, target, ctx)
+        cos, sin = student.rope(0, 24, "cpu")
+        for n in range(3):
+            torch.testing.assert_close(targets[n], teacher_h[n][i + 1], rtol=1e-5, atol=1e-5)
+            with torch.no_grad():  # a step's forward from the cached input is the student's layer i
+                out = distill.trainable_part(student.blocks[i], inputs[n], cos, sin, target)
+            own_input = teacher_h[n][i] if latent == "teacher" else student_h[n][i]
+            with torch.no_grad():
+                torch.testing.assert_close(out, student.blocks[i](own_input, cos, sin), rtol=1e-5, atol=1e-5)
+        distill.finish_layer(cache, student, i, inputs, targets, target, ctx)
+    assert cache["layer"] == 3
+
+
+@pytest.mark.parametrize("target", ["decoder", "attn", "block"])
+def test_while_layer_i_trains_only_its_target_parameters_change(target):
+    teacher = tiny_gpt(0)
+    student, _ = distill.build_student(teacher, distill.student_config(teacher.config, "relu2"))
+    ctx, env = torch.autocast("cpu", enabled=False), env1()
+    tokens = [torch.randint(0, 96, (2, 24)) for _ in range(2)]
+    cache = distill.start_cache(teacher, tokens, False, "cpu", ctx)
+    distill.advance_cache(cache, teacher, student, 1, ctx)
+    inputs, targets = distill.layer_io(cache, teacher, student, 1, target, ctx)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    block = student.blocks[1]
+    params = distill.set_trainable(student, distill.target_modules(block, target))
+    optimizer = student.configure_optimizer(1e-2, 0.0, (0.9, 0.95), "cpu")
+    cos, sin = student.rope(0, 24, "cpu")
+    losses = [distill.layer_step(block, optimizer, params, inputs[0], targets[0], 1e-3, target, cos, sin, ctx,
+                                 env).item() for _ in range(4)]
+    prefix = {"decoder": ("blocks.1.mlp_norm.", "blocks.1.mlp."), "attn": ("blocks.1.attn_norm.", "blocks.1.attn."),
+              "block": ("blocks.1.",)}[target]
+    changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {k for k in before if k.startswith(prefix)}
+    assert losses[-1] < losses[0]
+
+
+def test_batch_order_is_a_pure_function_that_visits_every_cached_batch_once_per_pass():
+    order = [distill.batch_index(7, 1, 3, s, 5) for s in range(10)]
+    assert order == [distill.batch_index(7, 1, 3, s, 5) for s in range(10)]
+    assert sorted(order[:5]) == sorted(order[5:]) == list(range(5))
+    assert order != [distill.batch_index(7, 1, 4, s, 5) for s in range(10)]
+
+
+def test_the_shipped_configs_are_valid_for_distill(tmp_path):
+    for name in ("distill_smollm2_mlp_half.yaml", "distill_smollm2_hybrid_window.yaml"):
+        namespace = dict(vars(distill))
+        config = distill.common.configure(namespace, ["--config", os.path.join(REPO, "configs", name)])
+        assert config["teacher"] == "models/smollm2_135m"
+    assert config["window"] == 256 and config["full_attn_layers"] == [0, 10, 20, 29]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distill.py end to end, on a tiny random Llama teacher and tiny shards
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, bpe_tokenizer_dir):
+    return make_tiny_llama(tmp_path_factory.mktemp("teacher"), bpe_tokenizer_dir, seed=3)
+
+
+def write_dataset(path, tokenizer_dir, train_docs=300, val_docs=40):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    os.makedirs(path, exist_ok=True)
+    shards, totals = [], {}
+    for split, docs, seed in (("train", train_docs, 10), ("val", val_docs, 11)):
+        ids = []
+        for doc in english_like_documents(docs, seed=seed):
+            ids += [0] + tokenizer.encode(doc)
+        name = f"{split}_000000.bin"
+        digest = write_shard(os.path.join(path, name), np.array(ids, dtype=np.uint16))
+        shards.append({"split": split, "file": name, "bytes": os.path.getsize(os.path.join(path, name)),
+                       "sha256": digest, "ntok": len(ids)})
+        totals[split] = len(ids)
+    manifest = {"shards": shards, "totals": totals,
+                "tokenizer": {"source": tokenizer_dir, "vocab_size": len(tokenizer),
+                              "fingerprint": tokenizer_fingerprint(tokenizer), "separator_id": 0,
+                              "separator_token": "<|endoftext|>"}}
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, bpe_tokenizer_dir):
+    return write_dataset(tmp_path_factory.mktemp("shards"), bpe_tokenizer_dir)
+
+
+def records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def distill_args(teacher_dir, data_dir, run_dir, *extra):
+    return ["--teacher", teacher_dir, "--data-dir", data_dir, "--run-dir", run_dir, *TINY, *extra]
+
+
+def test_phase1_lowers_each_layer_loss_and_the_kl_and_phase2_lowers_the_kl_further(teacher_dir, data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    run_script("distill.py", *distill_args(teacher_dir, data_dir, run, "--num-batches", "16", "--steps-per-layer", "100",
+                                           "--lr-layer", "3e-3", "--max-steps", "60", "--alpha", "1.0", "--lr", "5e-4",
+                                           "--warmup-steps", "5", "--checkpoint-every", "30"), env=ENV)
+    log = records(run)
+    start = next(r for r in log if r["phase"] == 1 and r.get("event") == "eval")
+    layers = [r for r in log if r.get("event") == "layer_done"]
+    assert [r["layer"] for r in layers] == [0, 1, 2]
+    for r in layers:
+        assert r["val_loss_after"] < 0.85 * r["val_loss_before"], r
+    after_phase1 = layers[-1]["kl"]
+    assert after_phase1 < 0.8 * start["kl"], (start["kl"], after_phase1)
+    phase2 = [r for r in log if r["phase"] == 2 and r.get("event") == "eval"]
+    assert [r["step"] for r in phase2] == [30, 60]
+    assert phase2[-1]["kl"] < 0.95 * after_phase1, (after_phase1, phase2[-1]["kl"])
+    for key in ("val_ce", "val_ppl", "teacher_ce", "kl", "top1_agree"):
+        assert key in phase2[-1]
+    names = sorted(os.listdir(run))
+    for name in ("layer_000.pt", "layer_001.pt", "layer_002.pt", "final.pt", "step_000030.pt", "step_000060.pt",
+                 "config.json", "tokenizer"):
+        assert name in names
+    # layer checkpoints: layer 1's training changed only layer 1's MLP; later MLPs are still the zero-init ones
+    s0, s1 = (torch.load(os.path.join(run, f"layer_00{i}.pt"), weights_only=True)["model"] for i in (0, 1))
+    assert {k for k in s0 if not torch.equal(s0[k], s1[k])} == {k for k in s0 if k.startswith(("blocks.1.mlp_norm",
+                                                                                               "blocks.1.mlp."))}
+    assert s0["blocks.2.mlp.down.weight"].abs().max() == 0
+    # any student checkpoint samples
+    out = run_script("sample.py", os.path.join(run, "final.pt"), "--prompt", "The river", "--max-new-tokens", "5",
+                     "--device", "cpu", env=ENV)
+    assert out.returncode == 0
+
+
+CRASH = """
+import sys
+import distill
+calls, crash_after = [0], int(sys.argv[1])
+layer_step = distill.layer_step
+def crashing_step(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] > crash_after:
+        raise SystemExit("simulated crash")
+    return layer_step(*args, **kwargs)
+distill.layer_step = crashing_step
+sys.argv = ["distill.py"] + sys.argv[2:]
+distill.main()
+"""
+
+
+def test_resume_mid_rotation_ends_with_the_same_weights_as_an_uninterrupted_run(teacher_dir, data_dir, tmp_path):
+    common_args = ["--phases", "1", "--steps-per-layer", "10", "--checkpoint-every-layer", "3", "--latent", "student",
+                   "--target-trainable", "block", "--rotations", "2", "--layers", "[0, 2]"]
+    straight = str(tmp_path / "straight")
+    run_script("distill.py", *distill_args(teacher_dir, data_dir, straight, *common_args), env=ENV)
+    resumed = str(tmp_path / "resumed")
+    args = distill_args(teacher_dir, data_dir, resumed, *common_args)
+    # crash in rotation 1 at layer position 0, step 5: the last saved state is step 3 of that layer
+    proc = subprocess.run([sys.executable, "-c", CRASH, "25", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **ENV})
+    assert proc.returncode != 0 and "simulated crash" in proc.stderr, proc.stderr[-2000:]
+    assert not os.path.exists(os.path.join(resumed, "final.pt"))
+    assert json.load(open(os.path.join(resumed, "phase1_state.json")))["progress"]["step"] == 3
+    out = run_script("distill.py", *args, "--resume", env=ENV)
+    assert "resuming phase 1" in out.stdout
+    a = torch.load(os.path.join(straight, "final.pt"), weights_only=True)
+    b = torch.load(os.path.join(resumed, "final.pt"), weights_only=True)
+    assert a["step"] == b["step"] == 40
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["loader"] == b["loader"]
+
+
+def test_ce_only_run_loads_no_teacher_and_resumes_with_kd_logging_the_switch(teacher_dir, data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    base = distill_args(teacher_dir, data_dir, run, "--phases", "2", "--checkpoint-every", "5")
+    run_script("distill.py", *base, "--steps-per-layer", "5", "--phases", "1", env=ENV)
+    out = run_script("distill.py", *base, "--alpha", "0", "--max-steps", "5", "--resume", env=ENV)
+    assert "not loaded (alpha = 0)" in out.stdout
+    out = run_script("distill.py", *base, "--alpha", "0.5", "--max-steps", "10", "--resume", env=ENV)
+    assert "switch: alpha 0.0 -> 0.5 at phase-2 step 5" in out.stdout
+    log = records(run)
+    switch = [r for r in log if r.get("event") == "alpha_switch"]
+    assert switch == [{"phase": 2, "step": 5, "event": "alpha_switch", "alpha_before": 0.0, "alpha": 0.5}]
+    steps = [r for r in log if r["phase"] == 2 and "loss" in r]
+    assert [r["kd"] is None for r in steps] == [True] * 5 + [False] * 5
+
+
+def test_two_process_torchrun_runs_both_phases_with_gloo(teacher_dir, data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "distill.py"),
+           *distill_args(teacher_dir, data_dir, run, "--steps-per-layer", "6", "--max-steps", "4",
+                         "--checkpoint-every", "4", "--num-batches", "2", "--top-k", "8")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert os.path.exists(os.path.join(run, "final.pt")) and os.path.exists(os.path.join(run, "step_000004.pt"))
+    assert json.load(open(os.path.join(run, "step_000004.json")))["world_size"] == 2
+
+
+def test_bad_input_is_refused_before_any_work(teacher_dir, data_dir, tmp_path, bpe_tokenizer_dir):
+    def fails(*extra, run="run"):
+        proc = run_script("distill.py", *distill_args(teacher_dir, data_dir, str(tmp_path / run), *extra), env=ENV,
+                          check=False)
+        assert proc.returncode != 0
+        assert not os.path.exists(os.path.join(tmp_path, run, "metrics.jsonl"))
+        return proc.stdout + proc.stderr
+
+    assert "layer(s) [3] out of range" in fails("--layers", "[0, 3]")
+    assert "expected increasing layer indices" in fails("--layers", "[2, 0]")
+    message = fails("--num-batches", "100000000")
+    assert "the phase-1 cache needs" in message and "GiB of host memory" in message
+    # a student whose width does not line up with the teacher's
+    wide = make_tiny_llama(tmp_path / "wide", bpe_tokenizer_dir, hidden_size=96)
+    other, _ = distill.common.load_model(wide)
+    path = str(tmp_path / "other.pt")
+    distill.common.save_checkpoint(path, {"model": other.state_dict(), "model_config": dataclasses.asdict(other.config),
+                                          "step": 0, "tokenizer": wide})
+    assert "n_embd = 96 but the teacher" in fails("--init-from", path)
+    # shards made with another tokenizer than the teacher's
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(english_like_documents(50, seed=9), trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    other_tok = str(tmp_path / "other_tok")
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(other_tok)
+    other_data = write_dataset(tmp_path / "other_data", other_tok, train_docs=30, val_docs=10)
+    proc = run_script("distill.py", *distill_args(teacher_dir, other_data, str(tmp_path / "r2")), env=ENV, check=False)
+    assert proc.returncode != 0 and "re-run prepare.py with this model's tokenizer" in proc.stdout + proc.stderr
