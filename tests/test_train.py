@@ -1,0 +1,288 @@
+"""train.py as a user runs it: from scratch, from an HF model, torchrun DDP on gloo, exact resume, eval-only,
+the non-finite stop and the refusal of shards that do not match the model."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, SPECIAL_TOKENS, english_like_documents, run_script
+
+TINY_MODEL = {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64, "head_dim": 16, "mlp_hidden": 128,
+              "max_seq_len": 128}
+# Small enough for CI, big enough that the steps differ: 2 micro-batches of 4 x 32 tokens per step.
+TINY_RUN = {"model_config": TINY_MODEL, "device": "cpu", "dtype": "float32", "batch_size": 4, "seq_len": 32,
+            "grad_accum": 2, "max_steps": 6, "lr": 3e-3, "warmup_steps": 2, "lr_schedule": "trapezoid",
+            "cooldown_frac": 0.5, "eval_every": 3, "eval_tokens": 3 * 4 * 32 + 1, "checkpoint_every": 3,
+            "keep_checkpoints": 0, "log_every": 1}
+
+
+def write_dataset(path, tokenizer_dir, n_docs=300, seed=3, val_tokens=2000, poison=None):
+    """Tokenize pseudo-English with `tokenizer_dir` into 2 train shards + 1 val shard and a manifest, the way
+    prepare.py lays them out (documents joined by the separator id 0). `poison` = a token id written into the
+    last train shard, to fake a corrupt shard."""
+    from transformers import AutoTokenizer
+
+    from data import HEADER_BYTES, tokenizer_fingerprint, write_shard
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = []
+    for doc in english_like_documents(n_docs, seed=seed):
+        ids += [0] + tok(doc)["input_ids"]
+    ids = np.array(ids, dtype=np.uint16)
+    parts = {"val": [ids[:val_tokens]], "train": np.array_split(ids[val_tokens:], 2)}
+    if poison is not None:
+        parts["train"][-1][-1] = poison
+    os.makedirs(path, exist_ok=True)
+    shards = []
+    for split, pieces in parts.items():
+        for i, piece in enumerate(pieces):
+            name = f"{split}_{i:06d}.bin"
+            sha = write_shard(os.path.join(path, name), piece)
+            shards.append({"split": split, "file": name, "bytes": HEADER_BYTES + 2 * len(piece), "sha256": sha,
+                           "ntok": int(len(piece))})
+    manifest = {"shards": shards, "totals": {s: {"tokens": int(sum(len(p) for p in ps))} for s, ps in parts.items()},
+                "tokenizer": {"source": str(tokenizer_dir), "vocab_size": len(tok),
+                              "fingerprint": tokenizer_fingerprint(tok), "separator_id": 0,
+                              "separator_token": SPECIAL_TOKENS[0]}}
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, bpe_tokenizer_dir):
+    return write_dataset(tmp_path_factory.mktemp("shards"), bpe_tokenizer_dir)
+
+
+def write_config(path, **overrides):
+    with open(path, "w") as f:
+        yaml.safe_dump({**TINY_RUN, **overrides}, f)
+    return str(path)
+
+
+def train(*args, check=True, nproc=1, env=None):
+    """Run train.py like a user: plain python, or torchrun with `nproc` gloo processes."""
+    if nproc == 1:
+        return run_script("train.py", *args, check=check, env=env)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(REPO, "train.py"), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun train.py exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr ---\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    steps = {r["step"]: r for r in records if "loss" in r}
+    evals = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    return steps, evals
+
+
+def eval_only(model, shards, nproc=1):
+    proc = train("--eval-only", "--init-from", model, "--data-dir", shards, "--device", "cpu", "--batch-size", 4,
+                 "--seq-len", 32, "--eval-tokens", 3 * 4 * 32 + 1, nproc=nproc)
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("eval_only: "))
+    return json.loads(line[len("eval_only: "):])
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, shards, bpe_tokenizer_dir):
+    """6 uninterrupted steps from scratch, checkpoints at steps 3 and 6."""
+    run_dir = tmp_path_factory.mktemp("runs") / "straight"
+    config = write_config(tmp_path_factory.mktemp("cfg") / "tiny.yaml")
+    train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", run_dir)
+    return str(run_dir), config
+
+
+def test_loss_falls_on_a_tiny_model_trained_from_scratch(tmp_path, shards, bpe_tokenizer_dir):
+    config = write_config(tmp_path / "tiny.yaml", grad_accum=1, max_steps=30, warmup_steps=5, cooldown_frac=0.2,
+                          eval_every=0, checkpoint_every=0)
+    run_dir = tmp_path / "run"
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", run_dir)
+    assert "tokens per step: 128 = batch 4 x seq 32 x accum 1 x world 1" in proc.stdout
+    steps, evals = metrics(run_dir)
+    assert sorted(steps) == list(range(1, 31))
+    assert sorted(evals) == [30]  # eval_every 0: only the final eval
+    first, last = np.mean([steps[s]["loss"] for s in (1, 2, 3)]), np.mean([steps[s]["loss"] for s in (28, 29, 30)])
+    assert first > 6.0  # ~ln(512) for a fresh model
+    assert last < first - 1.0, (first, last)
+    assert evals[30] < 5.5
+    assert all(steps[s]["tokens"] == 128 * s and steps[s]["tokens_per_s"] > 0 for s in steps)
+    assert all(steps[s]["mfu"] is None for s in steps)  # no known peak for a CPU: no MFU rather than a wrong one
+    # the run dir holds what a later run or sample.py needs
+    assert json.load(open(run_dir / "config.json"))["max_steps"] == 30
+    assert os.path.exists(run_dir / "tokenizer" / "tokenizer.json")
+    checkpoint = torch.load(run_dir / "step_000030.pt", weights_only=True)
+    for key in ("model", "model_config", "config", "step", "tokenizer", "optimizer", "loader", "rng"):
+        assert key in checkpoint, key
+    assert checkpoint["step"] == 30 and checkpoint["loader"]["position"] == 30 * 128
+    assert checkpoint["model_config"]["vocab_size"] == 512
+    assert json.load(open(run_dir / "step_000030.json"))["step"] == 30
+
+
+def test_target_tokens_sets_max_steps_and_cosine_schedule_runs(tmp_path, shards, bpe_tokenizer_dir):
+    config = write_config(tmp_path / "tiny.yaml", lr_schedule="cosine", eval_every=0)
+    run_dir = tmp_path / "run"
+    # 1000 tokens at 256 tokens per step -> ceil = 4 steps
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", run_dir,
+                 "--target-tokens", 1000)
+    assert "steps 0 -> 4" in proc.stdout
+    steps, _ = metrics(run_dir)
+    assert sorted(steps) == [1, 2, 3, 4]
+    lrs = [steps[s]["lr"] for s in range(1, 5)]
+    # warmup over 2 steps, then cosine from the peak at step index 2 to 0 at step index 4
+    assert lrs == pytest.approx([1.5e-3, 3e-3, 3e-3, 1.5e-3])
+
+
+def test_two_torchrun_processes_match_one_process_at_the_same_global_batch(tmp_path, shards, bpe_tokenizer_dir,
+                                                                          straight_run):
+    """1 process x grad_accum 2 (the straight run) and 2 gloo processes x grad_accum 1 see the same tokens."""
+    single_dir, config = straight_run
+    ddp_dir = tmp_path / "ddp"
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", ddp_dir,
+                 "--grad-accum", 1, nproc=2)
+    assert "accum 1 x world 2" in proc.stdout
+    single, single_evals = metrics(single_dir)
+    ddp, ddp_evals = metrics(ddp_dir)
+    assert sorted(ddp) == sorted(single) == list(range(1, 7))
+    for s in single:
+        assert abs(ddp[s]["loss"] - single[s]["loss"]) < 1e-5, (s, ddp[s]["loss"], single[s]["loss"])
+        assert abs(ddp[s]["grad_norm"] - single[s]["grad_norm"]) < 1e-4
+        assert ddp[s]["tokens"] == single[s]["tokens"]
+    assert sorted(ddp_evals) == sorted(single_evals) == [0, 3, 6]
+    for s in single_evals:
+        assert abs(ddp_evals[s] - single_evals[s]) < 1e-5
+    # the loss went down, so the steps did something worth comparing
+    assert single[6]["loss"] < single[1]["loss"]
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, shards, bpe_tokenizer_dir, straight_run):
+    """Steps 1-3, then a fresh process resumes steps 4-6: the same losses as 6 straight steps (fp32 CPU)."""
+    straight_dir, config = straight_run
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(straight_dir, run_dir)
+    # The step-6 save "crashed" after its .pt: without the .json it is not complete, so step 3 is the latest.
+    os.remove(run_dir / "step_000006.json")
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", run_dir,
+                 "--resume")
+    assert "steps 3 -> 6" in proc.stdout
+    straight, straight_evals = metrics(straight_dir)
+    resumed, resumed_evals = metrics(run_dir)
+    assert sorted(resumed) == list(range(1, 7))  # records after step 3 were replaced, not duplicated
+    for s in (4, 5, 6):
+        for key in ("loss", "grad_norm", "lr"):
+            assert abs(resumed[s][key] - straight[s][key]) <= 1e-6, (s, key, resumed[s][key], straight[s][key])
+    assert abs(resumed_evals[6] - straight_evals[6]) <= 1e-6
+    a = torch.load(os.path.join(straight_dir, "step_000006.pt"), weights_only=True)
+    b = torch.load(run_dir / "step_000006.pt", weights_only=True)
+    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in a["model"]) <= 1e-6
+    assert a["loader"] == b["loader"]
+
+
+def test_eval_only_gives_the_same_val_loss_for_one_and_two_processes(straight_run, shards):
+    run_dir, _ = straight_run
+    one = eval_only(run_dir, shards)
+    two = eval_only(run_dir, shards, nproc=2)  # 3 val windows: rank 0 takes two, rank 1 one
+    assert one["val_tokens"] == two["val_tokens"] == 3 * 4 * 32
+    assert abs(one["val_loss"] - two["val_loss"]) < 1e-6
+    assert one["val_ppl"] == pytest.approx(np.exp(one["val_loss"]))
+    # the checkpoint's own final eval used the same val tokens
+    _, evals = metrics(run_dir)
+    assert abs(one["val_loss"] - evals[6]) < 1e-6
+
+
+@pytest.mark.parametrize("checkpoint_every,message", [(1, "the weights hold NaN/inf after step 7"),
+                                                      (100, "non-finite loss nan")])
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint_latest(tmp_path, shards, bpe_tokenizer_dir,
+                                                                              straight_run, checkpoint_every,
+                                                                              message):
+    """An infinite LR wrecks the weights in one step: the run stops before a NaN model is saved or stepped."""
+    import common
+
+    straight_dir, config = straight_run
+    run_dir = tmp_path / "diverged"
+    shutil.copytree(straight_dir, run_dir)
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", run_dir,
+                 "--resume", "--max-steps", 12, "--lr", "inf", "--checkpoint-every", checkpoint_every, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert f"latest good checkpoint is {run_dir / 'step_000006.pt'}" in proc.stderr
+    assert common.latest_checkpoint(str(run_dir)) == str(run_dir / "step_000006.pt")
+    assert [os.path.basename(p) for p in common.complete_checkpoints(str(run_dir))] == ["step_000003.pt",
+                                                                                       "step_000006.pt"]
+    model, _ = common.load_model(str(run_dir))
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_shards_of_another_tokenizer_are_refused_before_step_0(tmp_path, shards, bpe_tokenizer_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(english_like_documents(200, seed=7), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    other_dir = tmp_path / "other_tokenizer"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SPECIAL_TOKENS[0]).save_pretrained(other_dir)
+    other_shards = write_dataset(tmp_path / "other_shards", other_dir, n_docs=60)
+    config = write_config(tmp_path / "tiny.yaml")
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", other_shards,
+                 "--run-dir", tmp_path / "run", check=False)
+    assert proc.returncode != 0
+    assert "shards were made with tokenizer" in proc.stderr and str(other_dir) in proc.stderr
+    assert "tokens per step" not in proc.stdout
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_token_ids_beyond_the_model_vocab_are_refused_before_step_0(tmp_path, shards, bpe_tokenizer_dir):
+    config = write_config(tmp_path / "tiny.yaml")
+    # the manifest's tokenizer has 512 entries, the model only 256
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards,
+                 "--run-dir", tmp_path / "run", "--model-config", json.dumps({**TINY_MODEL, "vocab_size": 256}),
+                 check=False)
+    assert proc.returncode != 0 and "exceeds the model's vocab_size 256" in proc.stderr
+    # the manifest is right but a shard holds an id the tokenizer never makes (a corrupt or mixed-up shard)
+    poisoned = write_dataset(tmp_path / "poisoned", bpe_tokenizer_dir, n_docs=60, poison=600)
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", poisoned,
+                 "--run-dir", tmp_path / "run", check=False)
+    assert proc.returncode != 0 and "train shards hold token id 600" in proc.stderr
+    assert "tokens per step" not in proc.stdout
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_continue_an_hf_model_then_restart_the_schedule_from_its_checkpoint(tmp_path, shards, tiny_llama_dir):
+    config = write_config(tmp_path / "tiny.yaml", model_config={}, max_steps=3, eval_every=0)
+    hf_run = tmp_path / "from_hf"
+    train("--config", config, "--init-from", tiny_llama_dir, "--data-dir", shards, "--run-dir", hf_run)
+    checkpoint = torch.load(hf_run / "step_000003.pt", weights_only=True)
+    assert checkpoint["model_config"]["n_layer"] == 3 and checkpoint["tokenizer"] == tiny_llama_dir
+    # start a new run from those weights with a fresh schedule: step 0, warmup again
+    fresh = tmp_path / "fresh"
+    proc = train("--config", config, "--init-from", hf_run, "--ignore-prior-schedule", "--data-dir", shards,
+                 "--run-dir", fresh)
+    assert "steps 0 -> 3" in proc.stdout
+    steps, _ = metrics(fresh)
+    assert sorted(steps) == [1, 2, 3] and steps[1]["lr"] == pytest.approx(1.5e-3)
+    first_from_hf, _ = metrics(hf_run)
+    assert steps[1]["loss"] < first_from_hf[1]["loss"]  # it starts from the trained weights, not the HF ones
+    # without --ignore-prior-schedule the schedule continues, so a finished run has nothing left to do
+    proc = train("--config", config, "--init-from", hf_run, "--data-dir", shards, "--run-dir", tmp_path / "again")
+    assert "nothing to do" in proc.stdout
+
+
+def test_a_run_dir_with_checkpoints_is_not_overwritten_without_resume(tmp_path, straight_run, shards,
+                                                                      bpe_tokenizer_dir):
+    run_dir, config = straight_run
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", run_dir,
+                 check=False)
+    assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr and "--resume" in proc.stderr

@@ -1,0 +1,377 @@
+"""Next-token training on prepared shards: from scratch, from a Hugging Face model (dir, hub id or .gguf), or
+from one of our checkpoints; on one device or many through torchrun (DDP: NCCL on GPUs, gloo on CPU).
+
+    python train.py --config configs/train_tiny_cpu.yaml
+    torchrun --standalone --nproc_per_node 8 train.py --config configs/train_smollm2_135m_fineweb.yaml
+    python train.py --config configs/train_smollm2_135m_fineweb.yaml --resume          # continue exactly
+    python train.py --eval-only --init-from runs/smollm2_fineweb --data-dir data/fineweb_edu   # perplexity
+
+The story: read the config, set up the device and DDP, load the model and its tokenizer, refuse shards that do
+not match, restore the training state if resuming, then loop (batches, forward, backward, clip, step, log,
+eval, checkpoint) and finish with an eval and a checkpoint. Data order is a pure function of (rank, world
+size, step): the loader's whole state is one stream position, saved in every checkpoint, so resume is exact.
+"""
+import dataclasses
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+from data import TokenLoader, load_shard, read_manifest, val_batches
+from model import GPT, GPTConfig
+
+# ----------------------------------------------------------------------------------------------------------
+# Defaults: every one can be set in a YAML file (lower-case key) or on the command line (--name value)
+
+INIT_FROM: Optional[str] = None  # HF model dir, hub id, .gguf, our checkpoint .pt or run dir; None = from scratch with MODEL_CONFIG
+MODEL_CONFIG: dict = {}  # GPTConfig fields for a from-scratch model; unset ones keep model.py's defaults, vocab_size = tokenizer size rounded up to 64
+TOKENIZER: Optional[str] = None  # tokenizer (HF dir, hub id, .gguf); needed from scratch, else None = the model's own
+RUN_DIR = "runs/train"  # holds config.json, metrics.jsonl, tokenizer/ and step_XXXXXX.pt checkpoints
+DATA_DIR = "data/fineweb_edu"  # shards and manifest.json written by prepare.py
+RESUME = False  # continue RUN_DIR's latest complete checkpoint exactly: weights, optimizer, schedule step, data position, RNG
+IGNORE_PRIOR_SCHEDULE = False  # with INIT_FROM a checkpoint: keep only its weights; step, optimizer and data position start fresh
+EVAL_ONLY = False  # evaluate INIT_FROM (or RUN_DIR's latest checkpoint with --resume) on EVAL_TOKENS val tokens, then exit
+BATCH_SIZE = 8  # sequences per micro-batch per process
+SEQ_LEN = 1024  # tokens per sequence
+GRAD_ACCUM = 1  # micro-batches per optimizer step; tokens per step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * world size
+MAX_STEPS = 1000  # optimizer steps in the whole run (ignored when TARGET_TOKENS is set)
+TARGET_TOKENS: Optional[int] = None  # train on this many tokens: max_steps = ceil(TARGET_TOKENS / tokens per step)
+LR = 3e-4  # peak learning rate
+MIN_LR_FRAC = 0.0  # the LR decays to MIN_LR_FRAC * LR at the end of the cooldown / cosine
+WARMUP_STEPS = 100  # linear warmup from LR / WARMUP_STEPS to LR
+LR_SCHEDULE = "trapezoid"  # trapezoid (warmup, constant, linear cooldown), cosine, or constant
+COOLDOWN_FRAC = 0.2  # trapezoid: the last COOLDOWN_FRAC of the steps decay linearly
+WEIGHT_DECAY = 0.1  # AdamW decay on matrices and embeddings (never on norm gains)
+BETAS: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+GRAD_CLIP = 1.0  # clip the global gradient norm to this (0 = no clipping; the norm is still logged)
+EVAL_EVERY = 250  # val loss every N steps, at step 0 of a fresh run and at the end (0 = only at the end)
+EVAL_TOKENS = 1_048_576  # val tokens per evaluation; the same tokens for any world size
+CHECKPOINT_EVERY = 500  # save a checkpoint every N steps and at the end (0 = only at the end)
+KEEP_CHECKPOINTS = 3  # keep the newest K checkpoints in RUN_DIR (0 = keep all)
+SEED = 1337  # seeds the from-scratch init (and torch's RNG, saved in checkpoints)
+COMPILE = False  # torch.compile the model (worth it on GPUs; the first steps are slow while it compiles)
+DEVICE = "auto"  # auto (cuda if available, else cpu), cpu, cuda; under torchrun each rank takes cuda:LOCAL_RANK
+DTYPE = "auto"  # auto (bf16 autocast where the GPU supports it, fp32 otherwise), float32, bfloat16
+LOG_EVERY = 10  # print a log line every N steps (metrics.jsonl gets every step)
+WANDB_PROJECT: Optional[str] = None  # also log to this Weights & Biases project, if wandb is installed and WANDB_API_KEY set
+
+config = common.configure(globals())
+
+# ----------------------------------------------------------------------------------------------------------
+# Check the settings before anything slow happens
+
+if LR_SCHEDULE not in ("trapezoid", "cosine", "constant"):
+    raise common.ConfigError(f"lr_schedule = {LR_SCHEDULE!r}; expected trapezoid, cosine or constant")
+for _name in ("BATCH_SIZE", "SEQ_LEN", "GRAD_ACCUM", "EVAL_TOKENS"):
+    if globals()[_name] < 1:
+        raise common.ConfigError(f"{_name.lower()} = {globals()[_name]}; expected an int >= 1")
+for _name in ("MAX_STEPS", "WARMUP_STEPS", "EVAL_EVERY", "CHECKPOINT_EVERY", "KEEP_CHECKPOINTS"):
+    if globals()[_name] < 0:
+        raise common.ConfigError(f"{_name.lower()} = {globals()[_name]}; expected an int >= 0")
+if LOG_EVERY < 1:
+    raise common.ConfigError(f"log_every = {LOG_EVERY}; expected an int >= 1")
+if TARGET_TOKENS is not None and TARGET_TOKENS < 1:
+    raise common.ConfigError(f"target_tokens = {TARGET_TOKENS}; expected a positive int or none")
+if RESUME and INIT_FROM:
+    raise common.ConfigError(f"resume and init_from ({INIT_FROM!r}) both given: --resume continues run_dir "
+                             f"'{RUN_DIR}' from its own latest checkpoint; drop one of them")
+if IGNORE_PRIOR_SCHEDULE and RESUME:
+    raise common.ConfigError("ignore_prior_schedule with resume: to keep only the weights of a run, start a new "
+                             f"run dir with --init-from {RUN_DIR} --ignore-prior-schedule")
+if EVAL_ONLY and not (INIT_FROM or RESUME):
+    raise common.ConfigError("eval_only needs a model: --init-from PATH (checkpoint, run dir, HF dir, hub id, "
+                             ".gguf) or --resume to evaluate run_dir's latest checkpoint")
+
+# ----------------------------------------------------------------------------------------------------------
+# Device, precision, DDP
+
+env = common.setup_device(DEVICE)
+master = env.is_master
+dtype = common.resolve_dtype(DTYPE, env.device_type)
+if dtype == torch.float16:
+    raise common.ConfigError("dtype = float16 needs loss scaling, which train.py does not do; use bfloat16 or float32")
+ctx = common.autocast(env.device_type, dtype)
+if env.device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (optimizer, norms) may use TF32
+    torch.backends.cudnn.allow_tf32 = True
+torch.manual_seed(SEED)
+
+
+def say(*args):
+    if master:
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+def shutdown():
+    if env.ddp and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model, its tokenizer, and where training starts from
+
+if not RESUME and not EVAL_ONLY and common.complete_checkpoints(RUN_DIR):
+    raise SystemExit(f"run dir '{RUN_DIR}' already holds checkpoints ({common.latest_checkpoint(RUN_DIR)}); "
+                     f"pass --resume to continue it, or choose a new --run-dir")
+
+checkpoint = None  # the checkpoint we start from, if any
+if RESUME:
+    path = common.latest_checkpoint(RUN_DIR)
+    if path is None:
+        raise SystemExit(f"--resume: run dir '{RUN_DIR}' has no complete checkpoint (step_XXXXXX.pt with its "
+                         f".json); nothing to resume")
+    model, checkpoint = common.load_model(path)
+    tokenizer_src = TOKENIZER or common.tokenizer_source(path, checkpoint)
+    start_source = path
+elif INIT_FROM:
+    model, checkpoint = common.load_model(INIT_FROM)
+    tokenizer_src = TOKENIZER or common.tokenizer_source(INIT_FROM, checkpoint)
+    start_source = INIT_FROM
+else:
+    if not TOKENIZER:
+        manifest_source = read_manifest(DATA_DIR)["tokenizer"]["source"]
+        raise SystemExit(f"a from-scratch run needs --tokenizer (the shards in '{DATA_DIR}' were made with "
+                         f"'{manifest_source}')")
+    tokenizer_src = TOKENIZER
+    start_source = "scratch"
+tokenizer = common.load_tokenizer(tokenizer_src)
+if checkpoint is None and not INIT_FROM:
+    model_fields = dict(MODEL_CONFIG)
+    # a multiple of 64 keeps the embedding and LM-head matmuls on fast kernel shapes
+    model_fields.setdefault("vocab_size", -(-len(tokenizer) // 64) * 64)
+    try:
+        model = GPT(GPTConfig.from_dict(model_fields)).init_weights()
+    except (TypeError, ValueError) as e:
+        raise common.ConfigError(f"model_config {MODEL_CONFIG!r}: {e}")
+elif MODEL_CONFIG:
+    say(f"note: model_config is ignored, the architecture comes from {start_source}")
+model_config = model.config
+vocab_size = model_config.vocab_size
+
+# Refuse data made with another tokenizer, or holding ids the embedding does not have, before step 0.
+common.check_data_matches_tokenizer(DATA_DIR, tokenizer, vocab_size)
+manifest = read_manifest(DATA_DIR)
+train_shards = [s for s in manifest["shards"] if s["split"] == "train"]
+largest_id = torch.zeros((), dtype=torch.int64, device=env.device)
+for shard in [] if EVAL_ONLY else train_shards[env.rank::env.world_size]:  # each rank scans its share
+    largest_id = torch.maximum(largest_id, torch.tensor(int(load_shard(os.path.join(DATA_DIR, shard["file"])).max()),
+                                                        device=env.device))
+if env.ddp:
+    torch.distributed.all_reduce(largest_id, op=torch.distributed.ReduceOp.MAX)
+if not EVAL_ONLY and int(largest_id) >= vocab_size:
+    raise SystemExit(f"'{DATA_DIR}': train shards hold token id {int(largest_id)}, but the model's vocab_size is "
+                     f"{vocab_size}; the shards were made with a different tokenizer")
+
+model.to(env.device)
+raw_model = model  # the plain module: what is saved, clipped and evaluated
+
+
+def evaluate(eval_model):
+    """Mean val loss over the first EVAL_TOKENS val tokens; the same windows for any world size."""
+    batches = val_batches(DATA_DIR, BATCH_SIZE, SEQ_LEN, EVAL_TOKENS, env.rank, env.world_size, env.device,
+                          vocab_size)
+    return common.evaluate_loss(eval_model, batches, env, ctx)
+
+
+if EVAL_ONLY:
+    t0 = time.perf_counter()
+    val_loss = evaluate(raw_model)
+    window = BATCH_SIZE * SEQ_LEN
+    val_tokens = (min(EVAL_TOKENS, sum(s["ntok"] for s in manifest["shards"] if s["split"] == "val")) - 1) // window * window
+    if master:
+        print("eval_only: " + json.dumps({"model": start_source, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
+                                          "val_tokens": val_tokens, "seconds": round(time.perf_counter() - t0, 2)}))
+    shutdown()
+    raise SystemExit(0)
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer, schedule length, and the training state we continue from
+
+tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * env.world_size
+max_steps = math.ceil(TARGET_TOKENS / tokens_per_step) if TARGET_TOKENS is not None else MAX_STEPS
+config["max_steps"] = max_steps  # what the schedule actually uses, saved with the run
+optimizer = raw_model.configure_optimizer(LR, WEIGHT_DECAY, BETAS, env.device_type)
+loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, env.rank, env.world_size, env.device, vocab_size)
+
+step = 0  # optimizer steps done; the LR schedule and the checkpoint names count these
+continue_schedule = checkpoint is not None and not IGNORE_PRIOR_SCHEDULE
+if continue_schedule:
+    for key in ("optimizer", "loader", "rng", "step"):
+        if key not in checkpoint:
+            raise SystemExit(f"checkpoint '{start_source}' has no '{key}' entry, so training cannot continue from "
+                             f"it; pass --ignore-prior-schedule to start a new schedule from its weights")
+    step = int(checkpoint["step"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:  # the saved groups carry the old hyperparameters; ours win
+        group["betas"] = BETAS
+        group["weight_decay"] = WEIGHT_DECAY if group["weight_decay"] > 0 else 0.0
+    loader.load_state_dict(checkpoint["loader"])
+    common.set_rng_state(checkpoint["rng"])
+    prior = checkpoint.get("config", {})
+    changed = {k: (prior[k], v) for k, v in config.items() if k in prior and prior[k] != v
+               and k not in ("resume", "init_from", "eval_only")}
+    saved_world = checkpoint.get("world_size", env.world_size)
+    if changed or saved_world != env.world_size:
+        say(f"note: continuing {start_source} with changed settings {changed}"
+            + (f", world size {saved_world} -> {env.world_size}" if saved_world != env.world_size else "")
+            + "; the run is no longer identical to an uninterrupted one")
+
+if COMPILE:
+    model = torch.compile(model)
+eval_model = model  # compiled (if asked) but not DDP-wrapped: eval must not take part in gradient syncs
+if env.ddp:
+    model = DDP(model, device_ids=[env.local_rank] if env.device_type == "cuda" else None)
+
+# ----------------------------------------------------------------------------------------------------------
+# Run dir: effective config, tokenizer copy, metrics (only rank 0 writes)
+
+metrics = common.MetricsLog(RUN_DIR, enabled=master)
+if master:
+    os.makedirs(RUN_DIR, exist_ok=True)
+    common.atomic_write_text(json.dumps({**config, "world_size": env.world_size, "tokens_per_step": tokens_per_step,
+                                         "model_config": dataclasses.asdict(model_config)}, indent=2) + "\n",
+                             os.path.join(RUN_DIR, "config.json"))
+    common.save_tokenizer_copy(tokenizer, RUN_DIR)
+    # On resume, the records after the checkpoint's step are about to be recomputed, so they go; a fresh run
+    # replaces whatever a run that never reached a checkpoint left behind.
+    if os.path.exists(metrics.path):
+        with open(metrics.path, encoding="utf-8") as f:
+            kept = [line for line in f if RESUME and line.strip() and json.loads(line)["step"] <= step]
+        common.atomic_write_text("".join(kept), metrics.path)
+
+wandb_run = None
+if master and WANDB_PROJECT:
+    try:
+        import wandb
+    except ImportError:
+        wandb = None
+        say(f"note: wandb_project = {WANDB_PROJECT!r} but wandb is not installed; logging to metrics.jsonl only")
+    if wandb is not None and not os.environ.get("WANDB_API_KEY"):
+        say(f"note: wandb_project = {WANDB_PROJECT!r} but WANDB_API_KEY is not set; logging to metrics.jsonl only")
+    elif wandb is not None:
+        wandb_run = wandb.init(project=WANDB_PROJECT, name=os.path.basename(os.path.abspath(RUN_DIR)), config=config)
+
+
+def log(**record):
+    metrics.write(**record)
+    if wandb_run is not None:
+        wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
+
+
+def stop_non_finite(what):
+    latest = common.latest_checkpoint(RUN_DIR)
+    shutdown()
+    raise SystemExit(f"stopping: {what}. Nothing was saved for this step; the latest good checkpoint is "
+                     f"{latest or '(none yet)'}. Lower --lr, raise --warmup-steps or check --grad-clip, then "
+                     f"resume from it with --resume (or start a new --run-dir).")
+
+
+def save(step, val_loss):
+    """A resumable checkpoint; every rank checks the weights first, so a diverged model is never the latest."""
+    finite = torch.stack([p.detach().isfinite().all() for p in raw_model.parameters()]).all()
+    if not finite:
+        stop_non_finite(f"the weights hold NaN/inf after step {step}")
+    if master:
+        path = os.path.join(RUN_DIR, f"step_{step:06d}.pt")
+        common.save_checkpoint(path, {
+            "model": raw_model.state_dict(), "model_config": dataclasses.asdict(model_config), "config": config,
+            "step": step, "tokenizer": tokenizer_src, "optimizer": optimizer.state_dict(),
+            "loader": loader.state_dict(), "rng": common.rng_state(), "world_size": env.world_size,
+            "tokens": step * tokens_per_step, "val_loss": val_loss})
+        common.prune_checkpoints(RUN_DIR, KEEP_CHECKPOINTS)
+    if env.ddp:
+        torch.distributed.barrier()  # nobody runs ahead while rank 0 writes, so a crash loses at most this save
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training loop
+
+flops_per_token = raw_model.flops_per_token(SEQ_LEN)
+peak = common.peak_flops(env.device)  # None where we do not know the device's peak: then no MFU at all
+say(f"model: {start_source} | {raw_model.num_params() / 1e6:.2f}M params | vocab {vocab_size} | "
+    f"device {env.device} x{env.world_size} | {str(dtype).replace('torch.', '')}")
+say(f"tokens per step: {tokens_per_step:,} = batch {BATCH_SIZE} x seq {SEQ_LEN} x accum {GRAD_ACCUM} x world "
+    f"{env.world_size} | steps {step} -> {max_steps} | {max_steps * tokens_per_step:,} tokens in total")
+
+val_loss = None
+if step == 0 and EVAL_EVERY > 0 and max_steps > 0:
+    val_loss = evaluate(eval_model)
+    say(f"step 0 | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
+    log(step=0, val_loss=val_loss, val_ppl=math.exp(val_loss))
+
+params = [p for p in raw_model.parameters() if p.requires_grad]
+clip = GRAD_CLIP if GRAD_CLIP > 0 else float("inf")  # inf: clip_grad_norm_ only measures the norm
+progress = tqdm(total=max_steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
+window_start, window_steps, last_saved = time.perf_counter(), 0, None
+t_last = time.perf_counter()
+while step < max_steps:
+    lr = common.lr_at(step, max_steps, LR, WARMUP_STEPS, LR_SCHEDULE, COOLDOWN_FRAC, MIN_LR_FRAC)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # Micro-step k of rank r reads loader window (step * GRAD_ACCUM + k) * world + r, so one process with
+    # GRAD_ACCUM = 2 sees exactly the tokens two processes with GRAD_ACCUM = 1 see at the same step.
+    loss_sum = torch.zeros((), device=env.device)
+    for micro in range(GRAD_ACCUM):
+        x, y = loader.next_batch()
+        # gradients are all-reduced once per step, on the last micro-step
+        sync = model.no_sync() if env.ddp and micro < GRAD_ACCUM - 1 else nullcontext()
+        with sync:
+            with ctx:
+                loss = model(x, y)
+            (loss / GRAD_ACCUM).backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    step_loss = loss_sum / GRAD_ACCUM
+    if env.ddp:  # every micro-batch holds the same number of tokens, so the mean of means is the global mean
+        torch.distributed.all_reduce(step_loss)
+        step_loss /= env.world_size
+    loss_value, norm_value = torch.stack([step_loss.float(), grad_norm.float()]).tolist()
+    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        stop_non_finite(f"non-finite loss {loss_value} / grad norm {norm_value} at step {step + 1}; the optimizer "
+                        f"step was not taken")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+
+    now = time.perf_counter()
+    dt, t_last = now - t_last, now
+    tokens_per_s = tokens_per_step / dt
+    mfu = flops_per_token * tokens_per_s / (peak * env.world_size) if peak else None
+    log(step=step, loss=loss_value, lr=lr, grad_norm=norm_value, tokens=step * tokens_per_step, dt=dt,
+        tokens_per_s=tokens_per_s, mfu=mfu)
+    progress.update(1)
+    window_steps += 1
+    if step % LOG_EVERY == 0 or step == max_steps:
+        rate = window_steps * tokens_per_step / (now - window_start)
+        say(f"step {step} | loss {loss_value:.4f} | lr {lr:.3e} | grad norm {norm_value:.3f} | "
+            f"{rate:,.0f} tok/s" + (f" | mfu {100 * rate * flops_per_token / (peak * env.world_size):.1f}%"
+                                     if peak else ""))
+        window_start, window_steps = time.perf_counter(), 0
+    paused = False
+    if (EVAL_EVERY > 0 and step % EVAL_EVERY == 0) or step == max_steps:
+        val_loss = evaluate(eval_model)
+        say(f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
+        log(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss))
+        paused = True
+    if (CHECKPOINT_EVERY > 0 and step % CHECKPOINT_EVERY == 0) or step == max_steps:
+        save(step, val_loss)
+        last_saved, paused = step, True
+    if paused:  # evals and saves are not training time: leave them out of the tokens/s that follow
+        t_last = window_start = time.perf_counter()
+        window_steps = 0
+progress.close()
+
+if step == max_steps and last_saved is None:
+    say(f"nothing to do: {start_source} is already at step {step} of max_steps {max_steps}")
+elif master:
+    say(f"done: step {step}, val loss {val_loss:.4f}, checkpoint {common.latest_checkpoint(RUN_DIR)}")
+if wandb_run is not None:
+    wandb_run.finish()
+shutdown()
