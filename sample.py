@@ -1,0 +1,270 @@
+"""Generate text from anything the repo reads: a train.py/distill.py checkpoint (.pt or run dir), a Hugging Face
+Llama-family dir, a hub id or a .gguf file.
+
+The prompt is prefilled in one pass into a KV cache (full layers keep every position, sliding-window layers a
+ring buffer of W), then each new token costs one single-token forward. Only the last position goes through the
+LM head. Text streams to stdout as it is decoded; a tokens/s report goes to stderr.
+
+    python sample.py runs/d12 --prompt "Once upon a time" --max-new-tokens 200
+    python sample.py HuggingFaceTB/SmolLM2-135M-Instruct --chat --prompt "What is the capital of France?" \
+        --temperature 0
+"""
+import contextlib
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from common import configure, load_model, load_tokenizer, resolve_dtype, setup_device, tokenizer_source
+
+MODEL: Optional[str] = None  # checkpoint .pt, run dir, HF model dir, hub id or .gguf (the positional argument)
+PROMPT: Optional[str] = None  # prompt text; without it (and without --prompt-file) the prompt is read from stdin
+PROMPT_FILE: Optional[str] = None  # read the prompt from this UTF-8 file instead
+CHAT = False  # wrap the prompt as one user turn in the tokenizer's chat template
+TEMPLATE: Optional[str] = None  # 'instruct': a plain "### Instruction / ### Response" template (no tokenizer template needed)
+MAX_NEW_TOKENS = 256  # stop after this many new tokens (or earlier at an EOS id, or at the model's context)
+TEMPERATURE = 0.8  # 0 = greedy (argmax); higher = more random
+TOP_K = 0  # keep only the K most likely tokens (0 = off)
+TOP_P = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches P (1.0 = off)
+REPETITION_PENALTY = 1.0  # CTRL-style: divide positive / multiply negative logits of already-seen tokens (1.0 = off)
+SEED = 1337  # sampling seed; the same seed gives the same text on the same device
+NUM_SAMPLES = 1  # how many independent samples to draw for the prompt, one after the other
+DEVICE = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...
+DTYPE = "auto"  # auto (bf16 on a GPU that has it, fp32 otherwise), float32, bfloat16, float16
+INSTRUCT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"  # the prompt format of --template instruct
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling
+
+def check_sampling_args(temperature, top_k, top_p, repetition_penalty):
+    if temperature < 0:
+        raise ValueError(f"temperature = {temperature}; expected >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise ValueError(f"top_k = {top_k}; expected >= 0 (0 = off)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p = {top_p}; expected a value in (0, 1] (1.0 = off)")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty = {repetition_penalty}; expected > 0 (1.0 = off)")
+
+
+def next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generator):
+    """logits (B, V) fp32 of the last position -> next ids (B, 1). `seen` (B, V) bool marks tokens already in
+    the sequence, for the repetition penalty. The order (penalty, temperature, top-k, top-p) is transformers'."""
+    if repetition_penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penalised, logits)
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p; the most likely one always stays
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+             eos_ids=(), generator=None, dtype=None):
+    """Yield new token ids (ints) for one prompt (a list of ids), stopping after an EOS id (which is yielded)
+    or after max_new_tokens. The prompt is prefilled into the KV cache in one forward; then one token per call."""
+    device = model.embed.weight.device
+    dtype = dtype or model.embed.weight.dtype
+    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    limit = model.config.max_seq_len
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt is empty (0 tokens); generation needs at least one token to condition on")
+    if len(prompt_ids) >= limit:
+        raise ValueError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {limit} "
+                         f"(max_seq_len); shorten the prompt to at most {limit - 1} tokens")
+    max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
+    if max_new_tokens <= 0:
+        return
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens, device, dtype)
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    seen = None
+    if repetition_penalty != 1.0:
+        seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen[0, idx[0]] = True
+    eos = set(eos_ids)
+    head = model.lm_head
+    for _ in range(max_new_tokens):
+        hidden = model(idx, cache=cache, return_hidden=True)[:, -1]  # only the last position needs logits
+        logits = head(hidden).float()
+        idx = next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
+        token = idx.item()
+        yield token
+        if token in eos:
+            return
+        if seen is not None:
+            seen[0, token] = True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt, tokenizer and streaming text
+
+def read_prompt(prompt, prompt_file):
+    if prompt is not None and prompt_file is not None:
+        raise SystemExit("give either --prompt or --prompt-file, not both")
+    if prompt is not None:
+        return prompt
+    if prompt_file is not None:
+        if not os.path.exists(prompt_file):
+            raise SystemExit(f"--prompt-file '{prompt_file}' does not exist")
+        with open(prompt_file, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        if sys.stdin.isatty():
+            print("reading the prompt from stdin (end with Ctrl-D)", file=sys.stderr)
+        text = sys.stdin.read()
+    # editors and `echo` end the text with a newline the user did not mean as part of the prompt
+    return text[:-1] if text.endswith("\n") else text
+
+
+def format_prompt(tokenizer, prompt, chat, template, tokenizer_from):
+    """The prompt as token ids: raw, in the tokenizer's chat template (--chat), or in the instruct template."""
+    if template is not None:
+        if template != "instruct":
+            raise SystemExit(f"--template '{template}' is unknown; expected 'instruct' (or --chat for the "
+                             f"tokenizer's own chat template)")
+        return tokenizer.encode(INSTRUCT_TEMPLATE.format(prompt=prompt), add_special_tokens=True)
+    if chat:
+        if not tokenizer.chat_template:
+            raise SystemExit(f"the tokenizer from '{tokenizer_from}' has no chat template; "
+                             f"use --template instruct for a plain '### Instruction / ### Response' prompt")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer.encode(text, add_special_tokens=False)  # the template already holds BOS if it wants one
+    if prompt == "":  # unconditional sampling starts from the document boundary the model was trained on
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise SystemExit(f"the prompt is empty and the tokenizer from '{tokenizer_from}' has neither a BOS "
+                             f"nor an EOS token to start from; give a --prompt")
+        return [start]
+    return tokenizer.encode(prompt, add_special_tokens=True)
+
+
+def generation_config_dir(source):
+    """The local dir that may hold a generation_config.json for `source`, or None (a .gguf, a checkpoint)."""
+    if os.path.isdir(source):
+        return source
+    from model import download_snapshot, looks_like_hub_id
+
+    if looks_like_hub_id(source):
+        return download_snapshot(source)  # already cached by from_pretrained / the tokenizer
+    return None
+
+
+def eos_token_ids(tokenizer, sources):
+    """The tokenizer's EOS id plus every eos_token_id (int or list) of a generation_config.json in `sources`."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for source in sources:
+        folder = generation_config_dir(source)
+        path = os.path.join(folder, "generation_config.json") if folder else None
+        if path and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                value = json.load(f).get("eos_token_id")
+            ids.update(value if isinstance(value, list) else [] if value is None else [value])
+    return ids
+
+
+class TextStream:
+    """Turns token ids into printable text as they arrive. Decoding the tail from a few tokens back (not one
+    token alone) keeps SentencePiece spaces right, and text ending in an unfinished UTF-8 character waits."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out = tokenizer, out
+        self.tokens, self.prefix_offset, self.read_offset = [], 0, 0
+
+    def put(self, token):
+        self.tokens.append(token)
+        prefix = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset])
+        text = self.tokenizer.decode(self.tokens[self.prefix_offset:])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.out.write(text[len(prefix):])
+            self.out.flush()
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+
+    def end(self):
+        text = self.tokenizer.decode(self.tokens[self.prefix_offset:])
+        prefix = self.tokenizer.decode(self.tokens[self.prefix_offset:self.read_offset])
+        if len(text) > len(prefix):
+            self.out.write(text[len(prefix):])
+        self.out.write("\n")
+        self.out.flush()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The script
+
+def main():
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the generated text, so it can be piped
+        configure(globals(), positional=("MODEL",))
+    if MODEL is None:
+        raise SystemExit("usage: python sample.py MODEL [--prompt TEXT | --prompt-file F | stdin] [--chat] ...; "
+                         "MODEL is a checkpoint .pt, a run dir, an HF model dir, a hub id or a .gguf file")
+    try:
+        check_sampling_args(TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY)
+    except ValueError as e:
+        raise SystemExit(f"sample.py: {e}")
+    if NUM_SAMPLES < 1 or MAX_NEW_TOKENS < 1:
+        raise SystemExit(f"num_samples = {NUM_SAMPLES}, max_new_tokens = {MAX_NEW_TOKENS}; both must be >= 1")
+    prompt = read_prompt(PROMPT, PROMPT_FILE)
+    env = setup_device(DEVICE)
+    dtype = resolve_dtype(DTYPE, env.device_type)
+
+    t0 = time.perf_counter()
+    try:
+        model, checkpoint = load_model(MODEL)
+        tok_source = tokenizer_source(MODEL, checkpoint)
+        tokenizer = load_tokenizer(tok_source)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise SystemExit(f"sample.py: cannot load '{MODEL}': {e}")
+    model.to(device=env.device, dtype=dtype).eval()
+    print(f"loaded {MODEL} ({model.num_params() / 1e6:.1f}M params, tokenizer from {tok_source}) "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    prompt_ids = format_prompt(tokenizer, prompt, CHAT, TEMPLATE, tok_source)
+    if len(prompt_ids) >= model.config.max_seq_len:
+        raise SystemExit(f"the prompt is {len(prompt_ids)} tokens but the model's context (max_seq_len) is "
+                         f"{model.config.max_seq_len}; shorten it to at most {model.config.max_seq_len - 1} tokens")
+    room = model.config.max_seq_len - len(prompt_ids)
+    if MAX_NEW_TOKENS > room:
+        print(f"note: generating at most {room} tokens, where the model's context of "
+              f"{model.config.max_seq_len} ends", file=sys.stderr)
+    eos_ids = eos_token_ids(tokenizer, [MODEL] if checkpoint is None else [tok_source])
+    generator = torch.Generator(device=env.device).manual_seed(SEED)
+
+    for i in range(NUM_SAMPLES):
+        if NUM_SAMPLES > 1:
+            print(f"---------- sample {i + 1}/{NUM_SAMPLES}", flush=True)
+        stream = TextStream(tokenizer, sys.stdout)
+        n, start = 0, time.perf_counter()
+        first = None
+        for token in generate(model, prompt_ids, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY,
+                              eos_ids, generator, dtype):
+            if first is None:
+                first = time.perf_counter()
+            n += 1
+            if token not in eos_ids:  # the end-of-turn marker ends the text, it is not part of it
+                stream.put(token)
+        stream.end()
+        end = time.perf_counter()
+        decode_tps = (n - 1) / (end - first) if n > 1 else float("nan")
+        print(f"[{n} tokens in {end - start:.2f} s: prefill {len(prompt_ids)} tokens in {first - start:.3f} s "
+              f"({len(prompt_ids) / (first - start):.0f} tokens/s), decode {decode_tps:.1f} tokens/s]",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
