@@ -97,10 +97,6 @@ DTYPE = "auto"  # auto (bf16 autocast where the GPU supports it, fp32 otherwise)
 LOG_EVERY = 10  # print a log line every N steps (metrics.jsonl gets every step)
 EXPORT_HF = False  # at the end, export the student to RUN_DIR/hf as a Hugging Face Llama (SwiGLU, full attention only)
 
-TARGETS = ("decoder", "attn", "block")
-# settings that fix what a phase-1 state means: resuming with any of them changed could not be exact
-PHASE1_FIXED = ("teacher", "data_dir", "layers", "steps_per_layer", "target_trainable", "latent", "num_batches",
-                "batch_size", "seq_len", "seed")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -833,7 +829,7 @@ def main():
 
 def check_settings():
     """Settings that can be refused before anything is loaded."""
-    choices = {"PHASES": ("1", "2", "12"), "TARGET_TRAINABLE": TARGETS, "LATENT": ("teacher", "student"),
+    choices = {"PHASES": ("1", "2", "12"), "TARGET_TRAINABLE": ("decoder", "attn", "block"), "LATENT": ("teacher", "student"),
                "CACHE_DEVICE": ("device", "cpu"), "MLP_KIND": MLP_KINDS + ("keep",),
                "TRAIN_PARAMS": ("all", "blocks", "mlp", "attn"), "LR_SCHEDULE": ("trapezoid", "cosine", "constant")}
     for name, allowed in choices.items():
@@ -861,8 +857,11 @@ def check_settings():
 
 
 def check_phase1_settings(checkpoint, config, env, path):
+    # these fix the cached batches and the schedule: resuming with any of them changed could not be exact
+    fixed = ("teacher", "data_dir", "layers", "steps_per_layer", "target_trainable", "latent", "num_batches",
+             "batch_size", "seq_len", "seed")
     prior = checkpoint.get("config", {})
-    changed = {k: (prior.get(k), config[k]) for k in PHASE1_FIXED if prior.get(k) != config[k]}
+    changed = {k: (prior.get(k), config[k]) for k in fixed if prior.get(k) != config[k]}
     if checkpoint.get("world_size", env.world_size) != env.world_size:
         changed["world_size"] = (checkpoint.get("world_size"), env.world_size)
     if changed:

@@ -25,6 +25,15 @@ TINY = ["--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--seq-len
         "--num-batches", "4", "--log-every", "1000", "--loss-chunk", "48"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core CI box: one thread avoids oversubscription stalls (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_gpt(seed=0, **overrides):
     fields = dict(vocab_size=96, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, mlp_hidden=64,
                   max_seq_len=64)
@@ -250,6 +259,18 @@ def distill_args(teacher_dir, data_dir, run_dir, *extra):
     return ["--teacher", teacher_dir, "--data-dir", data_dir, "--run-dir", run_dir, *TINY, *extra]
 
 
+def run_here(*args):
+    """distill.main() in this process, as `python distill.py ARGS` would run it (saves a subprocess start-up);
+    the module's constants are restored afterwards."""
+    saved = {k: v for k, v in vars(distill).items() if k.isupper()}
+    argv, sys.argv = sys.argv, ["distill.py", *map(str, args)]
+    try:
+        distill.main()
+    finally:
+        sys.argv = argv
+        vars(distill).update(saved)
+
+
 def test_phase1_lowers_each_layer_loss_and_the_kl_and_phase2_lowers_the_kl_further(teacher_dir, data_dir, tmp_path):
     run = str(tmp_path / "run")
     run_script("distill.py", *distill_args(teacher_dir, data_dir, run, "--num-batches", "16", "--steps-per-layer", "100",
@@ -283,37 +304,32 @@ def test_phase1_lowers_each_layer_loss_and_the_kl_and_phase2_lowers_the_kl_furth
     assert out.returncode == 0
 
 
-CRASH = """
-import sys
-import distill
-calls, crash_after = [0], int(sys.argv[1])
-layer_step = distill.layer_step
-def crashing_step(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] > crash_after:
-        raise SystemExit("simulated crash")
-    return layer_step(*args, **kwargs)
-distill.layer_step = crashing_step
-sys.argv = ["distill.py"] + sys.argv[2:]
-distill.main()
-"""
-
-
-def test_resume_mid_rotation_ends_with_the_same_weights_as_an_uninterrupted_run(teacher_dir, data_dir, tmp_path):
+def test_resume_mid_rotation_ends_with_the_same_weights_as_an_uninterrupted_run(teacher_dir, data_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
     common_args = ["--phases", "1", "--steps-per-layer", "10", "--checkpoint-every-layer", "3", "--latent", "student",
                    "--target-trainable", "block", "--rotations", "2", "--layers", "[0, 2]"]
     straight = str(tmp_path / "straight")
-    run_script("distill.py", *distill_args(teacher_dir, data_dir, straight, *common_args), env=ENV)
+    run_here(*distill_args(teacher_dir, data_dir, straight, *common_args))
     resumed = str(tmp_path / "resumed")
     args = distill_args(teacher_dir, data_dir, resumed, *common_args)
-    # crash in rotation 1 at layer position 0, step 5: the last saved state is step 3 of that layer
-    proc = subprocess.run([sys.executable, "-c", CRASH, "25", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **ENV})
-    assert proc.returncode != 0 and "simulated crash" in proc.stderr, proc.stderr[-2000:]
+    # crash in rotation 1, layer position 0, in its 6th step: the last saved state is step 3 of that layer
+    calls, layer_step = [0], distill.layer_step
+
+    def crashing_step(*a, **k):
+        calls[0] += 1
+        if calls[0] > 25:
+            raise RuntimeError("simulated crash")
+        return layer_step(*a, **k)
+
+    monkeypatch.setattr(distill, "layer_step", crashing_step)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_here(*args)
+    monkeypatch.setattr(distill, "layer_step", layer_step)
     assert not os.path.exists(os.path.join(resumed, "final.pt"))
     assert json.load(open(os.path.join(resumed, "phase1_state.json")))["progress"]["step"] == 3
-    out = run_script("distill.py", *args, "--resume", env=ENV)
-    assert "resuming phase 1" in out.stdout
+    capsys.readouterr()
+    run_here(*args, "--resume")
+    assert "resuming phase 1" in capsys.readouterr().out
     a = torch.load(os.path.join(straight, "final.pt"), weights_only=True)
     b = torch.load(os.path.join(resumed, "final.pt"), weights_only=True)
     assert a["step"] == b["step"] == 40
@@ -322,14 +338,16 @@ def test_resume_mid_rotation_ends_with_the_same_weights_as_an_uninterrupted_run(
     assert a["loader"] == b["loader"]
 
 
-def test_ce_only_run_loads_no_teacher_and_resumes_with_kd_logging_the_switch(teacher_dir, data_dir, tmp_path):
+def test_ce_only_run_loads_no_teacher_and_resumes_with_kd_logging_the_switch(teacher_dir, data_dir, tmp_path,
+                                                                              capsys):
     run = str(tmp_path / "run")
     base = distill_args(teacher_dir, data_dir, run, "--phases", "2", "--checkpoint-every", "5")
-    run_script("distill.py", *base, "--steps-per-layer", "5", "--phases", "1", env=ENV)
-    out = run_script("distill.py", *base, "--alpha", "0", "--max-steps", "5", "--resume", env=ENV)
-    assert "not loaded (alpha = 0)" in out.stdout
-    out = run_script("distill.py", *base, "--alpha", "0.5", "--max-steps", "10", "--resume", env=ENV)
-    assert "switch: alpha 0.0 -> 0.5 at phase-2 step 5" in out.stdout
+    run_here(*base, "--steps-per-layer", "5", "--phases", "1")
+    capsys.readouterr()
+    run_here(*base, "--alpha", "0", "--max-steps", "5", "--resume")
+    assert "not loaded (alpha = 0)" in capsys.readouterr().out
+    run_here(*base, "--alpha", "0.5", "--max-steps", "10", "--resume")
+    assert "switch: alpha 0.0 -> 0.5 at phase-2 step 5" in capsys.readouterr().out
     log = records(run)
     switch = [r for r in log if r.get("event") == "alpha_switch"]
     assert switch == [{"phase": 2, "step": 5, "event": "alpha_switch", "alpha_before": 0.0, "alpha": 0.5}]
@@ -350,12 +368,12 @@ def test_two_process_torchrun_runs_both_phases_with_gloo(teacher_dir, data_dir, 
 
 
 def test_bad_input_is_refused_before_any_work(teacher_dir, data_dir, tmp_path, bpe_tokenizer_dir):
-    def fails(*extra, run="run"):
-        proc = run_script("distill.py", *distill_args(teacher_dir, data_dir, str(tmp_path / run), *extra), env=ENV,
-                          check=False)
-        assert proc.returncode != 0
-        assert not os.path.exists(os.path.join(tmp_path, run, "metrics.jsonl"))
-        return proc.stdout + proc.stderr
+    def fails(*extra, data=data_dir):
+        run = str(tmp_path / "run")
+        with pytest.raises(SystemExit) as error:
+            run_here(*distill_args(teacher_dir, data, run, *extra))
+        assert not os.path.exists(os.path.join(run, "metrics.jsonl"))
+        return str(error.value)
 
     assert "layer(s) [3] out of range" in fails("--layers", "[0, 3]")
     assert "expected increasing layer indices" in fails("--layers", "[2, 0]")
@@ -379,5 +397,4 @@ def test_bad_input_is_refused_before_any_work(teacher_dir, data_dir, tmp_path, b
     other_tok = str(tmp_path / "other_tok")
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(other_tok)
     other_data = write_dataset(tmp_path / "other_data", other_tok, train_docs=30, val_docs=10)
-    proc = run_script("distill.py", *distill_args(teacher_dir, other_data, str(tmp_path / "r2")), env=ENV, check=False)
-    assert proc.returncode != 0 and "re-run prepare.py with this model's tokenizer" in proc.stdout + proc.stderr
+    assert "re-run prepare.py with this model's tokenizer" in fails(data=other_data)

@@ -1,0 +1,188 @@
+"""Benchmarks for distill.py, on the SmolLM2-135M shape (random weights: speed and memory do not depend on them).
+
+1. One phase-1 rotation (all 30 layers) with the single-pass cache, against a naive implementation that runs the
+   full teacher and the full student forward (and the backward) for every step, on the same batches and steps.
+   Both use LATENT=student, where the two compute the same thing (the student's own latent entering layer i),
+   so the final weights are compared as well. Alternating runs; the best time of each is reported.
+2. Phase-2 peak memory of the KD + CE loss, chunked (distill.distill_loss) against unchunked (both models' full
+   fp32 logits, F.log_softmax, autograd), forward + backward. On CPU each variant runs in its own process and
+   reports its peak RSS above what it held before the loss; on a GPU, torch.cuda.max_memory_allocated.
+
+    python bench/bench_distill.py                       # both, a few minutes on a laptop CPU
+    python bench/bench_distill.py --part rotation --seq-len 256 --steps-per-layer 4
+"""
+import argparse
+import copy
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import distill  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+
+def smollm2_teacher(seed=0):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig()).init_weights().eval().requires_grad_(False)  # GPTConfig's defaults are SmolLM2-135M
+
+
+def cached_rotation(teacher, student, tokens, steps, target, ctx, env):
+    """distill.py's phase 1 (LATENT=student), without checkpoints and evals."""
+    losses = []
+    cache = distill.start_cache(teacher, tokens, True, "cpu", ctx)
+    cos, sin = student.rope(0, tokens[0].shape[1], "cpu")
+    for i in range(student.config.n_layer):
+        distill.advance_cache(cache, teacher, student, i, ctx)
+        inputs, targets = distill.layer_io(cache, teacher, student, i, target, ctx)
+        block = student.blocks[i]
+        params = distill.set_trainable(student, distill.target_modules(block, target))
+        optimizer = student.configure_optimizer(1e-3, 0.0, (0.9, 0.95), "cpu")
+        for s in range(steps):
+            b = distill.batch_index(0, 0, i, s, len(tokens))
+            losses.append(distill.layer_step(block, optimizer, params, inputs[b], targets[b], 1e-3, target, cos, sin,
+                                             ctx, env).item())
+        distill.finish_layer(cache, student, i, inputs, targets, target, ctx)
+    return losses
+
+
+def naive_rotation(teacher, student, tokens, steps, target, ctx, env):
+    """Every step: the full teacher forward for its hidden state after layer i, the full student forward for its
+    own latent and layer i's output (captured with hooks), the loss, and the backward."""
+    losses = []
+    for i in range(student.config.n_layer):
+        block = student.blocks[i]
+        params = distill.set_trainable(student, distill.target_modules(block, target))
+        optimizer = student.configure_optimizer(1e-3, 0.0, (0.9, 0.95), "cpu")
+        seen = {}
+        hooks = [teacher.blocks[i].register_forward_hook(lambda m, a, out: seen.__setitem__("target", out)),
+                 block.register_forward_hook(lambda m, a, out: seen.__setitem__("io", (a[0], out)))]
+        for s in range(steps):
+            x = tokens[distill.batch_index(0, 0, i, s, len(tokens))]
+            with torch.no_grad():
+                teacher(x, return_hidden=True)
+            student(x, return_hidden=True)
+            base, out = seen["io"]  # the MSE does not depend on the base (it cancels)
+            loss = distill.layer_loss(out, seen["target"], base)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        for h in hooks:
+            h.remove()
+    return losses
+
+
+def bench_rotation(args):
+    torch.set_num_threads(args.threads)
+    env = distill.common.setup_device("cpu")
+    ctx = torch.autocast("cpu", enabled=False)
+    teacher = smollm2_teacher()
+    config = distill.student_config(teacher.config, "relu2")
+    torch.manual_seed(1)
+    tokens = [torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len)) for _ in range(args.num_batches)]
+    print(f"phase-1 rotation: SmolLM2-135M shape ({config.n_layer} layers, n_embd {config.n_embd}), student MLP "
+          f"relu2 {config.mlp_hidden[0]}, target {args.target}, latent student | {args.num_batches} batches of "
+          f"{args.batch_size}x{args.seq_len}, {args.steps_per_layer} steps per layer "
+          f"({config.n_layer * args.steps_per_layer} steps) | torch threads {torch.get_num_threads()}")
+    initial, _ = distill.build_student(teacher, config)
+    times = {"cached": [], "naive": []}
+    losses = {}
+    for rep in range(args.repeats):
+        for name, fn in (("cached", cached_rotation), ("naive", naive_rotation)):
+            student = copy.deepcopy(initial)
+            t0 = time.perf_counter()
+            losses[name] = fn(teacher, student, tokens, args.steps_per_layer, args.target, ctx, env)
+            times[name].append(time.perf_counter() - t0)
+            print(f"  repeat {rep}: {name:6s} {times[name][-1]:8.2f} s")
+    # the same computation: the step losses agree; later layers drift apart slowly, because fp32 rounding
+    # flips the sign of Adam's first update on near-zero gradients and the latents carry that up the network
+    rel = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses["cached"], losses["naive"])]
+    first = 3 * args.steps_per_layer
+    best = {k: min(v) for k, v in times.items()}
+    print(f"phase-1 rotation: cached {best['cached']:.2f} s | naive {best['naive']:.2f} s | speedup "
+          f"{best['naive'] / best['cached']:.1f}x | step losses agree to {max(rel[:first]):.1e} (layers 0-2), {max(rel):.1e} (all)")
+    return best
+
+
+def loss_peak_child(mode, rows, chunk):
+    """Runs in its own process: peak memory of one KD + CE forward and backward, above what it held before."""
+    import psutil
+
+    torch.manual_seed(0)
+    V, C = 49152, 576
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hidden = torch.randn(rows, C, device=device, requires_grad=True)
+    weight = (torch.randn(V, C, device=device) * 0.02).requires_grad_()
+    teacher_hidden, teacher_weight = torch.randn(rows, C, device=device), torch.randn(V, C, device=device) * 0.02
+    targets = torch.randint(0, V, (rows,), device=device)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = psutil.Process().memory_info().rss
+    t0 = time.perf_counter()
+    if mode == "chunked":
+        loss, _, _ = distill.distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, 0.5, 1.0, 0, chunk)
+    else:
+        logits = (hidden @ weight.t()).float()
+        with torch.no_grad():
+            teacher_logits = (teacher_hidden @ teacher_weight.t()).float()
+        ce = torch.nn.functional.cross_entropy(logits, targets)
+        loss = 0.5 * distill.kl_full(logits, teacher_logits).mean() + 0.5 * ce
+    loss.backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    print(json.dumps({"mode": mode, "peak_bytes": peak, "seconds": time.perf_counter() - t0, "device": device,
+                      "loss": loss.item()}))
+
+
+def bench_memory(args):
+    rows = args.batch_size_kd * args.seq_len_kd
+    print(f"phase-2 KD + CE loss, forward + backward: {rows} tokens ({args.batch_size_kd}x{args.seq_len_kd}), vocab "
+          f"49152, n_embd 576; one fp32 logits tensor is {rows * 49152 * 4 / 2**20:.0f} MiB")
+    results = {}
+    for mode in ("chunked", "unchunked"):
+        proc = subprocess.run([sys.executable, __file__, "--child", mode, "--rows", str(rows), "--chunk",
+                               str(args.chunk)], capture_output=True, text=True, check=True)
+        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[mode]
+        print(f"  {mode:9s} (chunk {args.chunk} rows): peak {r['peak_bytes'] / 2**20:8.0f} MiB above its inputs | "
+              f"{r['seconds']:.2f} s | loss {r['loss']:.5f} | {r['device']}")
+    ratio = results["unchunked"]["peak_bytes"] / max(results["chunked"]["peak_bytes"], 1)
+    print(f"phase-2 loss peak memory: chunked {results['chunked']['peak_bytes'] / 2**20:.0f} MiB vs unchunked "
+          f"{results['unchunked']['peak_bytes'] / 2**20:.0f} MiB ({ratio:.1f}x less)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["rotation", "memory", "both"], default="both")
+    parser.add_argument("--batch-size", type=int, default=1, help="phase 1: sequences per batch")
+    parser.add_argument("--seq-len", type=int, default=128, help="phase 1: tokens per sequence")
+    parser.add_argument("--num-batches", type=int, default=2, help="phase 1: batches in the cache")
+    parser.add_argument("--steps-per-layer", type=int, default=2, help="phase 1: steps per layer")
+    parser.add_argument("--target", default="decoder", choices=["decoder", "attn", "block"])
+    parser.add_argument("--repeats", type=int, default=2, help="alternating cached/naive runs; the best counts")
+    parser.add_argument("--batch-size-kd", type=int, default=4, help="phase 2: sequences in the loss")
+    parser.add_argument("--seq-len-kd", type=int, default=1024, help="phase 2: tokens per sequence")
+    parser.add_argument("--chunk", type=int, default=1024, help="phase 2: rows per chunk (distill.py's LOSS_CHUNK)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared machine)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        loss_peak_child(args.child, args.rows, args.chunk)
+    else:
+        if args.part in ("rotation", "both"):
+            bench_rotation(args)
+        if args.part in ("memory", "both"):
+            bench_memory(args)
