@@ -99,8 +99,7 @@ if dtype == torch.float16:
     raise common.ConfigError("dtype = float16 needs loss scaling, which train.py does not do; use bfloat16 or float32")
 ctx = common.autocast(env.device_type, dtype)
 if env.device_type == "cuda":
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast (optimizer, norms) may use TF32
-    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")  # fp32 matmuls outside autocast may use TF32 on the GPU
 torch.manual_seed(SEED)
 
 
@@ -368,9 +367,9 @@ while step < max_steps:
         window_steps = 0
 progress.close()
 
-if step == max_steps and last_saved is None:
-    say(f"nothing to do: {start_source} is already at step {step} of max_steps {max_steps}")
-elif master:
+if last_saved is None:
+    say(f"nothing to do: {start_source} is already at step {step}, max_steps is {max_steps}")
+else:
     say(f"done: step {step}, val loss {val_loss:.4f}, checkpoint {common.latest_checkpoint(RUN_DIR)}")
 if wandb_run is not None:
     wandb_run.finish()

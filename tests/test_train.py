@@ -286,3 +286,38 @@ def test_a_run_dir_with_checkpoints_is_not_overwritten_without_resume(tmp_path, 
     proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", run_dir,
                  check=False)
     assert proc.returncode != 0 and "already holds checkpoints" in proc.stderr and "--resume" in proc.stderr
+
+
+def train_constants():
+    """train.py's UPPER_CASE defaults, executed on their own (without running the script)."""
+    import ast
+    from typing import Optional
+
+    path = os.path.join(REPO, "train.py")
+    tree = ast.parse(open(path).read())
+    body = [node for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
+            and all(isinstance(t, ast.Name) and t.id.isupper()
+                    for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))]
+    namespace = {"Optional": Optional, "__file__": path}
+    exec(compile(ast.Module(body=body, type_ignores=[]), path, "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("name", ["train_tiny_cpu", "train_smollm2_135m_fineweb", "train_gpt_small_scratch"])
+def test_shipped_configs_name_only_known_keys_and_valid_models(name):
+    import common
+    from model import GPTConfig
+
+    config = common.configure(train_constants(), argv=["--config", os.path.join(REPO, "configs", f"{name}.yaml")])
+    assert config["init_from"] or config["tokenizer"], "a config needs a model or a tokenizer to train from"
+    if not config["init_from"]:
+        GPTConfig.from_dict({"vocab_size": 49152, **config["model_config"]})
+    assert config["seq_len"] <= config["model_config"].get("max_seq_len", config["seq_len"])
+
+
+def test_tiny_cpu_config_trains(tmp_path, shards, bpe_tokenizer_dir):
+    run_dir = tmp_path / "tiny"
+    train("--config", os.path.join(REPO, "configs", "train_tiny_cpu.yaml"), "--tokenizer", bpe_tokenizer_dir,
+          "--data-dir", shards, "--run-dir", run_dir, "--max-steps", 4, "--eval-tokens", 1025)
+    steps, evals = metrics(run_dir)
+    assert sorted(steps) == [1, 2, 3, 4] and sorted(evals) == [0, 4]
