@@ -546,6 +546,8 @@ if __name__ == "__main__":
     resume_doc, resume_skip = position["doc"], position["skip_tokens"]
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(tokenizer_json,))
     batches = read_batches(source, position["source_state"], position["batch_first_doc"])
+    first_batch = next(batches, None)  # opens the source (while the workers start): set-up, not throughput
+    batches = itertools.chain([first_batch] if first_batch is not None else [], batches)
     pending = deque()  # (source state, first doc index, texts, async result), in source order
     bar = tqdm(total=TRAIN_BYTES + VAL_BYTES, initial=done_bytes, unit="B", unit_scale=True, desc="tokenizing",
                smoothing=0.05)
