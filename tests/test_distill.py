@@ -338,6 +338,32 @@ def test_resume_mid_rotation_ends_with_the_same_weights_as_an_uninterrupted_run(
     assert a["loader"] == b["loader"]
 
 
+def test_phase2_resumes_after_a_crash_with_the_same_weights_as_an_uninterrupted_run(teacher_dir, data_dir, tmp_path,
+                                                                                    monkeypatch):
+    args = ["--phases", "2", "--max-steps", "10", "--checkpoint-every", "4", "--top-k", "16", "--grad-accum", "2"]
+    run_here(*distill_args(teacher_dir, data_dir, str(tmp_path / "straight"), *args))
+    calls, loss = [0], distill.distill_loss
+
+    def crashing_loss(*a, **k):
+        calls[0] += 1
+        if calls[0] > 13:  # in step 7 (two micro-batches a step); the last checkpoint is step 4
+            raise RuntimeError("simulated crash")
+        return loss(*a, **k)
+
+    monkeypatch.setattr(distill, "distill_loss", crashing_loss)
+    resumed = distill_args(teacher_dir, data_dir, str(tmp_path / "resumed"), *args)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_here(*resumed)
+    monkeypatch.setattr(distill, "distill_loss", loss)
+    run_here(*resumed, "--resume")
+    a, b = (torch.load(tmp_path / run / "step_000010.pt", weights_only=True) for run in ("straight", "resumed"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["loader"] == b["loader"]
+    phase2 = [r["step"] for r in records(str(tmp_path / "resumed")) if r["phase"] == 2 and "loss" in r]
+    assert phase2 == list(range(1, 11))  # the records of the lost steps 5-6 were dropped and redone
+
+
 def test_ce_only_run_loads_no_teacher_and_resumes_with_kd_logging_the_switch(teacher_dir, data_dir, tmp_path,
                                                                               capsys):
     run = str(tmp_path / "run")
