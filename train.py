@@ -30,14 +30,14 @@ from model import GPT, GPTConfig
 # ----------------------------------------------------------------------------------------------------------
 # Defaults: every one can be set in a YAML file (lower-case key) or on the command line (--name value)
 
-INIT_FROM: Optional[str] = None  # HF model dir, hub id, .gguf, our checkpoint .pt or run dir; None = from scratch with MODEL_CONFIG
-MODEL_CONFIG: dict = {}  # GPTConfig fields for a from-scratch model; unset ones keep model.py's defaults, vocab_size = tokenizer size rounded up to 64
+INIT_FROM: Optional[str] = None  # HF dir, hub id, .gguf, our checkpoint .pt or run dir; None = scratch (MODEL_CONFIG)
+MODEL_CONFIG: dict = {}  # from-scratch GPTConfig fields; unset: model.py defaults, vocab_size: len(tokenizer), x64
 TOKENIZER: Optional[str] = None  # tokenizer (HF dir, hub id, .gguf); needed from scratch, else None = the model's own
 RUN_DIR = "runs/train"  # holds config.json, metrics.jsonl, tokenizer/ and step_XXXXXX.pt checkpoints
 DATA_DIR = "data/fineweb_edu"  # shards and manifest.json written by prepare.py
-RESUME = False  # continue RUN_DIR's latest complete checkpoint exactly: weights, optimizer, schedule step, data position, RNG
-IGNORE_PRIOR_SCHEDULE = False  # with INIT_FROM a checkpoint: keep only its weights; step, optimizer and data position start fresh
-EVAL_ONLY = False  # evaluate INIT_FROM (or RUN_DIR's latest checkpoint with --resume) on EVAL_TOKENS val tokens, then exit
+RESUME = False  # continue RUN_DIR's latest checkpoint exactly: weights, optimizer, step, data position, RNG
+IGNORE_PRIOR_SCHEDULE = False  # INIT_FROM a checkpoint: take its weights only; step, optimizer, data start fresh
+EVAL_ONLY = False  # evaluate INIT_FROM (or, with --resume, RUN_DIR's latest) on EVAL_TOKENS val tokens and exit
 BATCH_SIZE = 8  # sequences per micro-batch per process
 SEQ_LEN = 1024  # tokens per sequence
 GRAD_ACCUM = 1  # micro-batches per optimizer step; tokens per step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * world size
@@ -60,7 +60,7 @@ COMPILE = False  # torch.compile the model (worth it on GPUs; the first steps ar
 DEVICE = "auto"  # auto (cuda if available, else cpu), cpu, cuda; under torchrun each rank takes cuda:LOCAL_RANK
 DTYPE = "auto"  # auto (bf16 autocast where the GPU supports it, fp32 otherwise), float32, bfloat16
 LOG_EVERY = 10  # print a log line every N steps (metrics.jsonl gets every step)
-WANDB_PROJECT: Optional[str] = None  # also log to this Weights & Biases project, if wandb is installed and WANDB_API_KEY set
+WANDB_PROJECT: Optional[str] = None  # also log to this W&B project when wandb is installed and WANDB_API_KEY set
 
 config = common.configure(globals())
 
@@ -182,8 +182,9 @@ def evaluate(eval_model):
 if EVAL_ONLY:
     t0 = time.perf_counter()
     val_loss = evaluate(raw_model)
-    window = BATCH_SIZE * SEQ_LEN
-    val_tokens = (min(EVAL_TOKENS, sum(s["ntok"] for s in manifest["shards"] if s["split"] == "val")) - 1) // window * window
+    window = BATCH_SIZE * SEQ_LEN  # val_batches takes whole windows of the first EVAL_TOKENS val tokens
+    val_available = sum(s["ntok"] for s in manifest["shards"] if s["split"] == "val")
+    val_tokens = (min(EVAL_TOKENS, val_available) - 1) // window * window
     if master:
         print("eval_only: " + json.dumps({"model": start_source, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
                                           "val_tokens": val_tokens, "seconds": round(time.perf_counter() - t0, 2)}))
