@@ -174,12 +174,12 @@ def test_script_same_seed_same_text_from_a_student_checkpoint(tmp_path, bpe_toke
     path = str(tmp_path / "final.pt")
     save_checkpoint(path, {"model": model.state_dict(), "model_config": asdict(config), "config": {}, "step": 0,
                            "tokenizer": bpe_tokenizer_dir})
-    args = (path, "--prompt", "The river", "--max-new-tokens", "40", "--temperature", "1.0", "--top-k", "50")
-    a = run_script("sample.py", *args, "--seed", "3")
-    b = run_script("sample.py", *args, "--seed", "3")
-    c = run_script("sample.py", *args, "--seed", "4", "--num-samples", "2")
-    assert a.stdout == b.stdout and len(a.stdout.strip()) > 20  # stdout holds only the generated text
-    assert a.stdout != c.stdout and c.stdout.count("---------- sample") == 2
+    args = (path, "--prompt", "The river", "--max-new-tokens", "40", "--temperature", "1.0", "--top-k", "50",
+            "--seed", "3", "--num-samples", "2")
+    a, b = run_script("sample.py", *args), run_script("sample.py", *args)
+    assert a.stdout == b.stdout  # stdout holds only the generated text
+    first, second = a.stdout.split("---------- sample 2/2\n")
+    assert len(first.strip()) > 20 and first.replace("---------- sample 1/2\n", "") != second
     assert "tokens/s" in a.stderr and "decode" in a.stderr
 
 
@@ -188,8 +188,6 @@ def test_script_errors_name_the_problem(tmp_path, tiny_llama_dir):
     broken.write_bytes(b"not a checkpoint at all")
     proc = run_script("sample.py", str(broken), "--prompt", "hi", check=False)
     assert proc.returncode != 0 and "step_000010.pt" in proc.stderr and "could not be read" in proc.stderr
-    proc = run_script("sample.py", tiny_llama_dir, "--prompt", "hi", "--temperature", "-1", check=False)
-    assert proc.returncode != 0 and "temperature = -1.0" in proc.stderr
     proc = run_script("sample.py", tiny_llama_dir, "--prompt", "hi", "--top-p", "0", check=False)
     assert proc.returncode != 0 and "top_p = 0.0" in proc.stderr
     long_prompt = tmp_path / "long.txt"
