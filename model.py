@@ -135,7 +135,8 @@ class Attention(nn.Module):
                                      self.n_kv_head * self.head_dim], dim=-1)
         q = apply_rope(q.view(B, T, self.n_head, self.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2), cos, sin)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        # a contiguous v lets the fused qkv output be freed: attention's backward would otherwise keep it alive
+        v = v.contiguous().view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cache is not None and cache.pos > 0:  # decoding one token against the cached keys
             k, v = cache.append(k, v)
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
@@ -149,6 +150,33 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
+class SwiGLUDown(torch.autograd.Function):
+    """down(silu(gate) * up) that saves only the gate|up projection for backward.
+
+    Plain autograd would also keep silu(gate) and the product (each half as big again) for every layer;
+    recomputing them in backward is a few elementwise ops and cuts the MLP's activation memory in half.
+    """
+
+    @staticmethod
+    def forward(ctx, gate_up, weight):
+        gate, up = gate_up.chunk(2, dim=-1)
+        ctx.save_for_backward(gate_up, weight)
+        return F.linear(F.silu(gate) * up, weight)  # under autocast this runs in the autocast dtype
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate_up, weight = ctx.saved_tensors
+        gate, up = gate_up.float().chunk(2, dim=-1)
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        h = (silu * up).to(gate_up.dtype)
+        grad_out = grad_out.to(gate_up.dtype)
+        grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
+        grad_h = (grad_out @ weight.to(gate_up.dtype)).float()
+        grad_gate = grad_h * up * sig * (1 + gate * (1 - sig))
+        return torch.cat((grad_gate, grad_h * silu), dim=-1).to(gate_up.dtype), grad_weight.to(weight.dtype)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, n_embd, hidden):
         super().__init__()
@@ -156,8 +184,7 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(hidden, n_embd, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return SwiGLUDown.apply(self.gate_up(x), self.down.weight)
 
 
 class PlainMLP(nn.Module):

@@ -249,3 +249,22 @@ def test_bad_gpt_config_values_are_named():
         GPTConfig(n_layer=2, mlp_kind=["swiglu", "tanh"])
     with pytest.raises(ValueError, match="window has 3 entries"):
         GPTConfig(n_layer=2, window=[None, 4, 4])
+
+
+def test_swiglu_recompute_matches_plain_autograd():
+    from model import SwiGLU
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(32, 48)
+    x = torch.randn(3, 7, 32, requires_grad=True)
+    out = mlp(x)
+    out.square().sum().backward()
+    ours = (x.grad.clone(), mlp.gate_up.weight.grad.clone(), mlp.down.weight.grad.clone())
+    x.grad = None
+    mlp.zero_grad()
+    gate, up = mlp.gate_up(x).chunk(2, dim=-1)
+    reference = mlp.down(F.silu(gate) * up)
+    reference.square().sum().backward()
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
+    for a, b in zip(ours, (x.grad, mlp.gate_up.weight.grad, mlp.down.weight.grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
