@@ -391,12 +391,13 @@ class GPT(nn.Module):
         return 6 * matmul_params + 12 * c.n_head * c.head_dim * context
 
     def configure_optimizer(self, lr, weight_decay, betas, device_type):
-        """AdamW; matrices and embeddings decay, norm gains do not. Fused kernel on GPU."""
+        """AdamW; matrices and embeddings decay, norm gains do not. The fused kernel (CPU and GPU) is faster
+        and needs no temporaries the size of the model."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
 
     # ------------------------------------------------------------------------------------------------------
     # Hugging Face interop
