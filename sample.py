@@ -34,7 +34,7 @@ SEED = 1337  # sampling seed; the same seed gives the same text on the same devi
 NUM_SAMPLES = 1  # how many independent samples to draw for the prompt, one after the other
 DEVICE = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...
 DTYPE = "auto"  # auto (bf16 on a GPU that has it, fp32 otherwise), float32, bfloat16, float16
-INSTRUCT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"  # the prompt format of --template instruct
+THREADS = 0  # CPU threads for torch (0 = torch's default, one per core); on a busy machine, the number of idle cores
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,7 +137,9 @@ def format_prompt(tokenizer, prompt, chat, template, tokenizer_from):
         if template != "instruct":
             raise SystemExit(f"--template '{template}' is unknown; expected 'instruct' (or --chat for the "
                              f"tokenizer's own chat template)")
-        return tokenizer.encode(INSTRUCT_TEMPLATE.format(prompt=prompt), add_special_tokens=True)
+        # the Alpaca-style format many instruction-tuned base models saw; it needs no special tokens
+        text = "### Instruction:\n" + prompt + "\n\n### Response:\n"
+        return tokenizer.encode(text, add_special_tokens=True)
     if chat:
         if not tokenizer.chat_template:
             raise SystemExit(f"the tokenizer from '{tokenizer_from}' has no chat template; "
@@ -208,7 +210,9 @@ class TextStream:
 # The script
 
 def main():
-    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the generated text, so it can be piped
+    # stdout carries only the generated text (so it can be piped); the effective config goes to stderr
+    wants_help = any(a in ("-h", "--help") for a in sys.argv[1:])
+    with contextlib.redirect_stdout(sys.stdout if wants_help else sys.stderr):
         configure(globals(), positional=("MODEL",))
     if MODEL is None:
         raise SystemExit("usage: python sample.py MODEL [--prompt TEXT | --prompt-file F | stdin] [--chat] ...; "
@@ -219,6 +223,10 @@ def main():
         raise SystemExit(f"sample.py: {e}")
     if NUM_SAMPLES < 1 or MAX_NEW_TOKENS < 1:
         raise SystemExit(f"num_samples = {NUM_SAMPLES}, max_new_tokens = {MAX_NEW_TOKENS}; both must be >= 1")
+    if THREADS < 0:
+        raise SystemExit(f"threads = {THREADS}; expected >= 0 (0 = torch's default)")
+    if THREADS:  # decode is dozens of tiny ops per layer; threads that wait on a busy core stall every one of them
+        torch.set_num_threads(THREADS)
     prompt = read_prompt(PROMPT, PROMPT_FILE)
     env = setup_device(DEVICE)
     dtype = resolve_dtype(DTYPE, env.device_type)
