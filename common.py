@@ -470,10 +470,22 @@ def peak_flops(device):
 # ----------------------------------------------------------------------------------------------------------
 # Loading models and tokenizers from anything the repo reads or writes
 
+def newest_run_checkpoint(run_dir):
+    """The furthest checkpoint of a run dir: the last train/phase-2 step, else distill's final.pt, else the
+    last completed layer. None if the directory holds no complete checkpoint."""
+    steps = complete_checkpoints(run_dir, "step_")
+    if steps:
+        return steps[-1]
+    if os.path.exists(os.path.join(run_dir, "final.json")):
+        return os.path.join(run_dir, "final.pt")
+    layers = complete_checkpoints(run_dir, "layer_")
+    return layers[-1] if layers else None
+
+
 def is_checkpoint(source):
     # a run dir holds config.json too (the run's config), so HF model dirs are told apart by their weights
     hf_weights = ("model.safetensors", "model.safetensors.index.json")
-    return source.endswith(".pt") or (os.path.isdir(source) and bool(complete_checkpoints(source))
+    return source.endswith(".pt") or (os.path.isdir(source) and newest_run_checkpoint(source) is not None
                                       and not any(os.path.exists(os.path.join(source, n)) for n in hf_weights))
 
 
@@ -483,12 +495,12 @@ def latest_checkpoint(run_dir, prefix="step_"):
 
 
 def load_model(source, map_location="cpu"):
-    """A GPT from one of our checkpoints (.pt, or a run dir -> its latest complete checkpoint), an HF model
-    dir, a hub id or a .gguf file. Returns (model, checkpoint dict or None)."""
+    """A GPT from one of our checkpoints (.pt, or a run dir -> newest_run_checkpoint), an HF model dir, a hub id
+    or a .gguf file. Returns (model, checkpoint dict or None)."""
     from model import GPT, GPTConfig
 
     if is_checkpoint(source):
-        path = latest_checkpoint(source) if os.path.isdir(source) else source
+        path = newest_run_checkpoint(source) if os.path.isdir(source) else source
         checkpoint = load_checkpoint(path, map_location=map_location)
         model = GPT(GPTConfig.from_dict(checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
