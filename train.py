@@ -216,12 +216,11 @@ if continue_schedule:
     common.set_rng_state(checkpoint["rng"])
     prior = checkpoint.get("config", {})
     changed = {k: (prior[k], v) for k, v in config.items() if k in prior and prior[k] != v
-               and k not in ("resume", "init_from", "eval_only")}
+               and k not in ("resume", "init_from", "run_dir", "eval_only")}
     saved_world = checkpoint.get("world_size", env.world_size)
     if changed or saved_world != env.world_size:
-        say(f"note: continuing {start_source} with changed settings {changed}"
-            + (f", world size {saved_world} -> {env.world_size}" if saved_world != env.world_size else "")
-            + "; the run is no longer identical to an uninterrupted one")
+        say(f"note: settings changed since {start_source} (saved, now): {changed}"
+            + (f", world size {saved_world} -> {env.world_size}" if saved_world != env.world_size else ""))
 
 if COMPILE:
     model = torch.compile(model)
@@ -294,7 +293,8 @@ def save(step, val_loss):
 # Training loop
 
 flops_per_token = raw_model.flops_per_token(SEQ_LEN)
-peak = common.peak_flops(env.device)  # None where we do not know the device's peak: then no MFU at all
+# the known peaks are bf16 dense FLOP/s; for other precisions, or an unknown device, no MFU beats a wrong one
+peak = common.peak_flops(env.device) if dtype == torch.bfloat16 else None
 say(f"model: {start_source} | {raw_model.num_params() / 1e6:.2f}M params | vocab {vocab_size} | "
     f"device {env.device} x{env.world_size} | {str(dtype).replace('torch.', '')}")
 say(f"tokens per step: {tokens_per_step:,} = batch {BATCH_SIZE} x seq {SEQ_LEN} x accum {GRAD_ACCUM} x world "

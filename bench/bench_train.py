@@ -1,7 +1,7 @@
 """train.py's steady-state tokens/s against a bare training loop on the same model shape and batch.
 
 The bare loop is the model benchmark's training step (bench/bench_model.py): forward, backward, AdamW step,
-zero_grad, on one fixed batch already on the device. train.py adds everything a real run needs: reading
+zero_grad, on batches already on the device (the same token windows train.py reads, from the same init). train.py adds everything a real run needs: reading
 batches from shards, the LR schedule, gradient clipping, the loss/grad-norm sync and NaN check, metrics.jsonl,
 the log line and tqdm. Both run in this one process, alternating (bare block, train.py run, bare block, ...),
 so machine noise hits both alike. train.py runs through runpy exactly as `python train.py ...` would; its
@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 from common import autocast, resolve_dtype  # noqa: E402
-from data import HEADER_BYTES, tokenizer_fingerprint, write_shard  # noqa: E402
+from data import HEADER_BYTES, TokenLoader, tokenizer_fingerprint, write_shard  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 SHAPES = {
@@ -70,12 +70,17 @@ def make_tokenizer_and_shards(out_dir, n_tokens, vocab):
     return tok_dir, data_dir
 
 
-def bare_step_times(model, optimizer, batch, n_steps, device_type, dtype):
-    """bench_model.py's training step, timed one by one (synchronised on a GPU)."""
-    x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+def bare_step_times(shape, windows, args, device_type, dtype):
+    """bench_model.py's training step, timed one by one (synchronised on a GPU), on a model built exactly as
+    train.py builds it (same seed) and the same token windows train.py reads, already on the device. Both sides
+    start fresh each round: a model that has overfit a batch computes with tiny (denormal) probabilities, which
+    is slow on CPUs and would make the comparison unfair."""
+    torch.manual_seed(1337)  # train.py's SEED
+    model = GPT(GPTConfig(**shape)).init_weights().to(args.device)
+    optimizer = model.configure_optimizer(3e-4, 0.1, (0.9, 0.95), device_type)
     ctx = autocast(device_type, dtype)
     times = []
-    for _ in range(n_steps):
+    for x, y in windows:
         if device_type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -128,16 +133,15 @@ def main():
     os.makedirs(args.out_dir, exist_ok=True)
     tok_dir, data_dir = make_tokenizer_and_shards(args.out_dir, (n_steps + 1) * tokens + 1, shape["vocab_size"])
 
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**shape)).init_weights().to(args.device)
-    optimizer = model.configure_optimizer(3e-4, 0.1, (0.9, 0.95), device_type)
-    batch = torch.randint(0, 512, (args.batch, args.seq + 1), device=args.device)
+    loader = TokenLoader(data_dir, "train", args.batch, args.seq, device=args.device)
+    windows = [loader.next_batch() for _ in range(n_steps)]  # what train.py's loader yields, step by step
+    n_params = GPT(GPTConfig(**shape)).num_params()
     print(f"torch {torch.__version__}, device {args.device}, dtype {dtype}, threads {torch.get_num_threads()}, "
-          f"shape {args.shape} ({model.num_params() / 1e6:.2f}M params), B={args.batch} T={args.seq}, "
+          f"shape {args.shape} ({n_params / 1e6:.2f}M params), B={args.batch} T={args.seq}, "
           f"{args.rounds} rounds x {args.steps} timed steps per side")
     bare, trained = [], []
     for r in range(args.rounds):
-        bare += bare_step_times(model, optimizer, batch, n_steps, device_type, dtype)[args.warmup:]
+        bare += bare_step_times(shape, windows, args, device_type, dtype)[args.warmup:]
         trained += train_py_step_times(os.path.join(args.out_dir, "run"), n_steps, args, tok_dir, data_dir,
                                        shape)[args.warmup:]
         print(f"round {r + 1}: bare {tokens / statistics.median(bare):,.0f} tok/s, "
