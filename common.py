@@ -44,7 +44,7 @@ def _constant_comments(source_file):
 
 
 def _type_name(tp):
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
 def coerce(value, tp, key):
