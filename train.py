@@ -208,7 +208,11 @@ if continue_schedule:
             raise SystemExit(f"checkpoint '{start_source}' has no '{key}' entry, so training cannot continue from "
                              f"it; pass --ignore-prior-schedule to start a new schedule from its weights")
     step = int(checkpoint["step"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as e:  # e.g. a distill.py checkpoint that trained only some parameters
+        raise SystemExit(f"checkpoint '{start_source}': its optimizer state does not fit this model's parameter "
+                         f"groups ({e}); pass --ignore-prior-schedule to start a new schedule from its weights")
     for group in optimizer.param_groups:  # the saved groups carry the old hyperparameters; ours win
         group["betas"] = BETAS
         group["weight_decay"] = WEIGHT_DECAY if group["weight_decay"] > 0 else 0.0
