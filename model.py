@@ -363,6 +363,9 @@ class GPT(nn.Module):
         with return_hidden, the final normed hidden state (B, T, n_embd) for callers that chunk the head."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
+        if start > 0 and T > 1:  # decoding attends to every cached key without a mask: one new token only
+            raise ValueError(f"KV cache holds {start} positions: after the prefill, feed one token per call "
+                             f"(got {T}); for a longer continuation start a new cache and prefill it all")
         cos, sin = self.rope(start, T, idx.device)
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):

@@ -268,3 +268,29 @@ def test_swiglu_recompute_matches_plain_autograd():
     torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-6)
     for a, b in zip(ours, (x.grad, mlp.gate_up.weight.grad, mlp.down.weight.grad)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_kv_cache_decoding_matches_full_forward(window):
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, mlp_hidden=48,
+                       window=[window, None], max_seq_len=64)
+    model = GPT(config).init_weights(std=0.1).eval()
+    idx = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(2, 20, "cpu", torch.float32)
+        steps = [model(idx[:, :8], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(8, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    if window:
+        assert cache.layers[0].k.shape[2] == window  # ring buffer of W, not the whole sequence
+
+
+def test_kv_cache_refuses_multi_token_append_after_prefill():
+    config = GPTConfig(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, head_dim=8, mlp_hidden=32)
+    model = GPT(config).eval()
+    cache = model.new_cache(1, 16, "cpu", torch.float32)
+    with torch.no_grad():
+        model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="one token per call"):
+            model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
