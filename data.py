@@ -3,6 +3,9 @@
 A shard (llm.c's format): a header of 256 little-endian int32 -- [0] magic 20240520, [1] version 1, [2] ntok --
 then ntok little-endian uint16 token ids. A dataset directory holds shards and manifest.json; prepare.py writes
 the manifest last, so a directory without one is unfinished. Every reader of a shard goes through load_shard.
+
+torch is imported inside the functions that make tensors: prepare.py's tokenizer worker processes import this
+file for the shard format and need no torch (importing it costs each one ~1.5 s and ~150 MB).
 """
 import bisect
 import hashlib
@@ -10,7 +13,6 @@ import json
 import os
 
 import numpy as np
-import torch
 
 MAGIC = 20240520
 VERSION = 1
@@ -167,25 +169,35 @@ class TokenLoader:
 
     def next_batch(self):
         window = self.batch_size * self.seq_len
-        batch = self._batch(self.position + self.rank * window)
+        batch = self.window_at(self.position + self.rank * window)
         self.position += self.world_size * window
         return batch
 
     def state_dict(self):
-        return {"split": self.split, "position": self.position, "total_tokens": self.total,
-                "batch_size": self.batch_size, "seq_len": self.seq_len, "world_size": self.world_size,
-                "epoch": self.epoch}
+        # no batch size, seq_len or world size: a resume may change them (train.py reports what changed) and the
+        # stream position alone says where to continue; epoch is derived, there for whoever reads the checkpoint
+        return {"split": self.split, "position": self.position, "total_tokens": self.total, "epoch": self.epoch}
 
     def load_state_dict(self, state):
-        """Continue at the saved stream position (any rank may load rank 0's state: it is the same on all)."""
+        """Continue at the saved stream position (any rank may load rank 0's state: it is the same on all).
+
+        The position is a token offset, so it stays valid under another batch size, seq_len or world size: the
+        next windows start where the saved run stopped. States saved with extra keys (older ones held
+        batch_size, seq_len and world_size) load the same way; only split and token count must match.
+        """
         if state["split"] != self.split or int(state["total_tokens"]) != self.total:
             raise ValueError(f"loader state is for split '{state['split']}' with {state['total_tokens']} tokens, "
                              f"but this loader reads split '{self.split}' of '{self.data_dir}' with {self.total} "
                              f"tokens: the data changed since the checkpoint was saved")
         self.position = int(state["position"])
 
-    def _batch(self, start):
-        """The window of B*T+1 tokens at stream offset `start`, as (x, y) on the device."""
+    def window_at(self, start):
+        """The window of B*T+1 tokens at stream offset `start` (wrapping), as (x, y) int64 (B, T) on the device.
+
+        Reads only: it does not move the loader's position.
+        """
+        import torch
+
         B, T = self.batch_size, self.seq_len
         buf = torch.from_numpy(self._tokens(start, B * T + 1).astype(np.int64))
         if self.device.startswith("cuda"):
@@ -234,4 +246,4 @@ def val_batches(data_dir, batch_size, seq_len, num_tokens, rank=0, world_size=1,
     if n_windows < 1:
         raise ValueError(f"val: num_tokens={num_tokens} is less than one window of batch_size * seq_len + 1 = "
                          f"{window + 1} tokens")
-    return (loader._batch(k * window) for k in range(rank, n_windows, world_size))
+    return (loader.window_at(k * window) for k in range(rank, n_windows, world_size))

@@ -180,6 +180,45 @@ def test_resume_from_state_dict_yields_the_same_next_batches_as_an_uninterrupted
                     assert torch.equal(a, b)
 
 
+def test_resume_with_another_batch_shape_or_world_size_continues_at_the_same_stream_position(tmp_path):
+    stream = make_dataset(str(tmp_path), {"train": [500, 123]})["train"]
+    loader = TokenLoader(str(tmp_path), "train", 2, 8)
+    for _ in range(7):
+        loader.next_batch()
+    state = loader.state_dict()
+    assert set(state) == {"split", "position", "total_tokens", "epoch"}  # nothing that a resume may change
+    old_style = {**state, "batch_size": 2, "seq_len": 8, "world_size": 1}  # states saved before held these
+    for saved in (state, old_style):
+        resumed = TokenLoader(str(tmp_path), "train", 3, 5, rank=1, world_size=2)
+        resumed.load_state_dict(saved)
+        x, y = resumed.next_batch()  # rank 1 of 2 takes the second window after the saved position
+        expected = window(stream, 7 * 2 * 8 + 3 * 5, 3 * 5 + 1)
+        assert x.flatten().tolist() == expected[:-1].tolist() and y.flatten().tolist() == expected[1:].tolist()
+        assert resumed.position == 7 * 2 * 8 + 2 * 3 * 5
+
+
+def test_window_at_reads_any_offset_without_moving_the_loader(tmp_path):
+    stream = make_dataset(str(tmp_path), {"train": [40, 41]})["train"]
+    loader = TokenLoader(str(tmp_path), "train", 2, 4)
+    x, y = loader.window_at(75)  # wraps: 75..83 of an 81-token stream
+    expected = window(stream, 75, 9)
+    assert x.tolist() == expected[:-1].reshape(2, 4).tolist() and y.tolist() == expected[1:].reshape(2, 4).tolist()
+    assert loader.position == 0
+    assert torch.equal(loader.next_batch()[0], loader.window_at(0)[0])
+
+
+def test_importing_data_does_not_import_torch():
+    # prepare.py's tokenizer worker processes import data.py; torch would cost each ~1.5 s and ~150 MB
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    code = "import sys, data; assert 'torch' not in sys.modules, 'data.py imported torch'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_load_state_dict_refuses_a_state_from_different_data(tmp_path):
     make_dataset(str(tmp_path / "a"), {"train": [300]})
     make_dataset(str(tmp_path / "b"), {"train": [301]})
