@@ -579,3 +579,108 @@ def evaluate_loss(model, batches, env, ctx):
         torch.distributed.all_reduce(total)
     model.train(was_training)
     return (total[0] / total[1]).item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training pieces shared by train.py and distill.py (phase 2): settings checks, resume, one optimizer step,
+# checkpoint saves, metrics on resume
+
+def check_at_least(settings, minimum, names):
+    """Refuse any of the upper-case `names` in `settings` (a script's globals) below `minimum`, naming the key."""
+    for name in names:
+        if settings[name] < minimum:
+            raise ConfigError(f"{name.lower()} = {settings[name]}; expected an int >= {minimum}")
+
+
+def changed_settings(prior, config, ignore):
+    """{key: (saved, now)} for every config key whose value differs from the saved config `prior`, except
+    `ignore` and the keys the saved config does not have."""
+    return {k: (prior[k], v) for k, v in config.items() if k in prior and k not in ignore and prior[k] != v}
+
+
+def load_optimizer_state(optimizer, state, source, hint, betas, weight_decay):
+    """Restore a saved optimizer state, with a clear error when it does not fit this optimizer's groups; the
+    saved groups carry the old betas and weight decay, and the current settings win."""
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as e:  # e.g. a checkpoint that trained other parameters
+        raise SystemExit(f"checkpoint '{source}': its optimizer state does not fit this model's parameter groups "
+                         f"({e}); {hint}")
+    for group in optimizer.param_groups:
+        group["betas"] = betas
+        group["weight_decay"] = weight_decay if group["weight_decay"] > 0 else 0.0
+
+
+def restore_training_state(checkpoint, optimizer, loader, source, hint, betas, weight_decay):
+    """Continue exactly from a resumable checkpoint: optimizer, data position and RNG; returns its step."""
+    for key in ("optimizer", "loader", "rng", "step"):
+        if key not in checkpoint:
+            raise SystemExit(f"checkpoint '{source}' has no '{key}' entry, so training cannot continue from it; "
+                             f"{hint}")
+    load_optimizer_state(optimizer, checkpoint["optimizer"], source, hint, betas, weight_decay)
+    loader.load_state_dict(checkpoint["loader"])
+    set_rng_state(checkpoint["rng"])
+    return int(checkpoint["step"])
+
+
+def stop_non_finite(what, latest, env):
+    """End the run (every rank) on a NaN/inf, saving nothing: the last good checkpoint stays the latest."""
+    if env.ddp and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    raise SystemExit(f"stopping: {what}. Nothing was saved for this step; the latest good checkpoint is "
+                     f"{latest or '(none yet)'}. Lower the learning rate, raise the warmup or check --grad-clip, "
+                     f"then resume from it with --resume (or start a new --run-dir).")
+
+
+def micro_batches(model, loader, grad_accum, env):
+    """(x, y, sync) for each micro-batch of one optimizer step. Run forward and backward inside `with sync:`:
+    under DDP the gradients are all-reduced once, in the last micro-batch's backward."""
+    for micro in range(grad_accum):
+        x, y = loader.next_batch()
+        yield x, y, model.no_sync() if env.ddp and micro < grad_accum - 1 else contextlib.nullcontext()
+
+
+def clip_and_step(optimizer, params, grad_clip, losses, env, latest, step):
+    """Finish optimizer step `step` (0-based): clip the gradients (0 = only measure their norm), average
+    `losses` (this rank's mean losses, a 1-d tensor) over ranks, stop on a non-finite loss or norm before the
+    weights change, then step. Returns (the losses as floats, the grad norm)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    if env.ddp:  # every rank's micro-batches hold the same number of tokens: the mean of means is the global mean
+        torch.distributed.all_reduce(losses)
+        losses = losses / env.world_size
+    *values, norm = torch.cat([losses.float(), grad_norm.float().view(1)]).tolist()
+    if not (all(math.isfinite(v) for v in values) and math.isfinite(norm)):
+        stop_non_finite(f"non-finite loss {values[0]} / grad norm {norm} at step {step + 1}; the optimizer step "
+                        f"was not taken", latest, env)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return values, norm
+
+
+def save_run_checkpoint(path, model, entries, env, latest, keep=0, prefix=None):
+    """Rank 0 saves {"model": weights, **entries} (entries holds "step") and keeps the newest `keep` of
+    `prefix`. Every rank checks the weights first, so a diverged model never becomes the latest checkpoint."""
+    finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
+    if not finite:
+        stop_non_finite(f"the weights hold NaN/inf after step {entries['step']}", latest, env)
+    if env.is_master:
+        save_checkpoint(path, {"model": model.state_dict(), **entries})
+        if prefix:
+            prune_checkpoints(os.path.dirname(path), keep, prefix)
+    if env.ddp:
+        torch.distributed.barrier()  # nobody runs ahead while rank 0 writes, so a crash loses at most this save
+
+
+def trim_metrics(path, until=None):
+    """Prepare run_dir/metrics.jsonl for a run that starts now. Resuming (`until`, e.g. {"step": 120}): keep
+    the records up to that point, in the order of until's keys; the later ones are about to be redone. A fresh
+    start (None): empty it, dropping what a run that crashed before its first checkpoint left behind."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    if until is not None:
+        bound = tuple(until.values())
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip()
+                    and tuple(json.loads(line)[k] for k in until) <= bound]
+    atomic_write_text("".join(kept), path)

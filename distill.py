@@ -31,7 +31,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -40,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import common
-from data import TokenLoader, val_batches
+from data import TokenLoader, read_manifest, val_batches
 from model import GPT, MLP_KINDS, GPTConfig
 
 # ----------------------------------------------------------------------------------------------------------
@@ -80,6 +79,7 @@ LR = 3e-4  # phase-2 peak learning rate
 MIN_LR_FRAC = 0.1  # the LR decays to MIN_LR_FRAC * LR (both phases)
 WARMUP_STEPS = 100  # phase-2 linear warmup
 LR_SCHEDULE = "cosine"  # trapezoid, cosine or constant (both phases)
+COOLDOWN_FRAC = 0.2  # trapezoid: the last COOLDOWN_FRAC of each layer's steps (phase 1) and of phase 2 decay linearly
 GRAD_ACCUM = 1  # phase-2 micro-batches per optimizer step
 CHECKPOINT_EVERY = 250  # phase 2: evaluate and save step_XXXXXX.pt every N steps and at the end (0 = only at the end)
 KEEP_CHECKPOINTS = 3  # keep the newest K layer_XXX.pt and K step_XXXXXX.pt (0 = keep all)
@@ -97,7 +97,18 @@ DTYPE = "auto"  # auto (bf16 autocast where the GPU supports it, fp32 otherwise)
 LOG_EVERY = 10  # print a log line every N steps (metrics.jsonl gets every step)
 EXPORT_HF = False  # at the end, export the student to RUN_DIR/hf as a Hugging Face Llama (SwiGLU, full attention only)
 
+# Settings a phase-1 resume may change: they do not touch the cached batches, the schedule or the weights.
+# Everything else must match the saved config, or the resumed run could not end where an uninterrupted one would.
+PHASE1_RESUMABLE_CHANGES = ("resume", "run_dir", "log_every", "keep_checkpoints", "export_hf", "phases",
+                            "cache_device",  # where the cache lives, not what it holds
+                            "alpha", "temperature", "top_k", "train_params", "max_steps", "lr", "warmup_steps",
+                            "grad_accum", "checkpoint_every")  # phase 2 only
 
+
+def say(*args):
+    """Print on rank 0 only, above any tqdm bar."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        tqdm.write(" ".join(str(a) for a in args))
 
 # ----------------------------------------------------------------------------------------------------------
 # The student
@@ -192,13 +203,41 @@ def trainable_part(block, x, cos, sin, target):
     return block(x, cos, sin)
 
 
-def cache_bytes(num_batches, batch_size, seq_len, n_embd, latent):
-    """fp32 bytes of the two (N, B, T, C) buffers a layer needs at once: input latents and teacher targets."""
+def cache_bytes(num_batches, batch_size, seq_len, n_embd):
+    """fp32 bytes of the two (N, B, T, C) buffers a layer needs at once: input latents and teacher targets (with
+    LATENT=student the teacher's targets replace its latents in place, so it is two buffers either way)."""
     return 2 * num_batches * batch_size * seq_len * n_embd * 4
 
 
-def check_cache_fits(need, cache_device, local_world_size):
-    """Refuse, before any work, a cache that will not fit (leaving 20% for the models and activations)."""
+def val_windows_per_rank(data_dir, batch_size, seq_len, eval_tokens, world_size):
+    """How many val windows (the most on any rank) data.val_batches yields, from the manifest alone."""
+    val_total = sum(s["ntok"] for s in read_manifest(data_dir)["shards"] if s["split"] == "val")
+    n_windows = max(0, (min(eval_tokens, val_total) - 1) // (batch_size * seq_len))
+    return -(-n_windows // world_size)
+
+
+def model_width(source):
+    """n_embd of a checkpoint or run dir of ours, or of a local HF dir, read from metadata without loading any
+    weights; None for a hub id or a .gguf (then the cache is checked right after the teacher is loaded)."""
+    path = source
+    if os.path.isdir(source):
+        path = common.newest_run_checkpoint(source)
+        if path is None:  # an HF dir
+            config_path = os.path.join(source, "config.json")
+            if not os.path.exists(config_path):
+                return None
+            with open(config_path, encoding="utf-8") as f:
+                return json.load(f).get("hidden_size")
+    if str(path).endswith(".pt") and os.path.exists(os.path.splitext(path)[0] + ".json"):
+        return checkpoint_meta(path)["model_config"]["n_embd"]
+    return None
+
+
+def check_cache_fits(n_embd, cache_device, env):
+    """Refuse, before any work, a phase-1 cache that will not fit (leaving 20% for the models and activations).
+    The size is arithmetic: train and val caches of 2 x (N, B, T, C) fp32 each, per rank."""
+    val_n = val_windows_per_rank(DATA_DIR, BATCH_SIZE, SEQ_LEN, EVAL_TOKENS, env.world_size)
+    need = cache_bytes(NUM_BATCHES, BATCH_SIZE, SEQ_LEN, n_embd) + cache_bytes(val_n, BATCH_SIZE, SEQ_LEN, n_embd)
     if str(cache_device).startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(cache_device)
         where = f"GPU {cache_device}"
@@ -206,13 +245,22 @@ def check_cache_fits(need, cache_device, local_world_size):
         import psutil
 
         free = psutil.virtual_memory().available
-        need *= local_world_size  # every rank on this host keeps its own cache in host memory
+        need *= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # every rank on this host keeps its own cache here
         where = "host memory"
     if need > 0.8 * free:
         raise SystemExit(f"the phase-1 cache needs {need / 2**30:.2f} GiB of {where}, but only {free / 2**30:.2f} "
                          f"GiB is free (the cache may take 80%); lower num_batches ({NUM_BATCHES}), batch_size "
                          f"({BATCH_SIZE}), seq_len ({SEQ_LEN}) or eval_tokens ({EVAL_TOKENS}), or set "
                          f"cache_device to {'cpu' if where != 'host memory' else 'device'}")
+    say(f"phase-1 cache: 2 x ({NUM_BATCHES}, {BATCH_SIZE}, {SEQ_LEN}, {n_embd}) fp32 per rank for train + "
+        f"2 x ({val_n}, {BATCH_SIZE}, {SEQ_LEN}, {n_embd}) for val = {need / 2**30:.3f} GiB of {where} "
+        f"(latent: {LATENT})")
+
+
+def empty_like_host(t):
+    """torch.empty_like that keeps a host buffer pinned: .to(cuda, non_blocking=True) from pageable memory
+    would be a synchronous copy."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, pin_memory=t.is_pinned())
 
 
 @torch.no_grad()
@@ -226,15 +274,18 @@ def map_batches(fn, latents, out, device, ctx):
 
 
 @torch.no_grad()
-def start_cache(teacher, tokens, with_student, cache_device, ctx):
-    """The latent entering layer 0 (the embeddings) for every batch; a second copy for LATENT=student."""
+def start_cache(teacher, tokens, with_student, cache_device):
+    """The latent entering layer 0 (the embeddings) for every batch; a second copy for LATENT=student. In host
+    memory next to a GPU the cache is pinned, so batches stream to the GPU asynchronously."""
     device = teacher.embed.weight.device
-    first = teacher.embed(tokens[0].to(device))
     pin = str(cache_device) == "cpu" and str(device).startswith("cuda")
-    h = torch.empty((len(tokens), *first.shape), dtype=torch.float32, device=cache_device, pin_memory=pin)
+    B, T = tokens[0].shape
+    h = torch.empty((len(tokens), B, T, teacher.config.n_embd), dtype=torch.float32, device=cache_device,
+                    pin_memory=pin)
     for n, x in enumerate(tokens):
         h[n].copy_(teacher.embed(x.to(device)).float())
-    return {"layer": 0, "teacher": h, "student": h.clone() if with_student else None}
+    student_h = empty_like_host(h).copy_(h) if with_student else None
+    return {"layer": 0, "teacher": h, "student": student_h}
 
 
 def advance_cache(cache, teacher, student, layer, ctx):
@@ -262,7 +313,7 @@ def layer_io(cache, teacher, student, layer, target, ctx):
     cos, sin = teacher.rope(0, T, device)
     teacher_block = lambda x: teacher.blocks[layer](x, cos, sin)
     if cache["student"] is None:
-        targets = map_batches(teacher_block, cache["teacher"], torch.empty_like(cache["teacher"]), device, ctx)
+        targets = map_batches(teacher_block, cache["teacher"], empty_like_host(cache["teacher"]), device, ctx)
         inputs = cache["teacher"]
     else:
         targets = map_batches(teacher_block, cache["teacher"], cache["teacher"], device, ctx)
@@ -445,16 +496,33 @@ def distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, alpha,
 
 
 @torch.no_grad()
-def evaluate_student(student, teacher, batches, env, ctx, chunk_rows=1024):
+def teacher_val_hidden(teacher, batches, ctx):
+    """The teacher's final normed hidden states (B*T, C) for each val window, computed once per run: every
+    eval then only applies the head, instead of a teacher forward per layer (30x a rotation for SmolLM2).
+    Memory per rank: EVAL_TOKENS / world size x n_embd x 4 bytes in fp32 (2 in bf16), e.g. 65,536 tokens x 576
+    = 151 MB (SmolLM2-135M, fp32), on the device."""
+    hidden = []
+    for x, _ in batches:
+        with ctx:
+            hidden.append(teacher(x, return_hidden=True).flatten(0, 1))
+    return hidden
+
+
+@torch.no_grad()
+def evaluate_student(student, batches, env, ctx, chunk_rows=1024, teacher=None, teacher_hidden=None):
     """On fixed val tokens: the student's CE and perplexity and, with a teacher, its CE, KL(teacher || student)
-    and top-1 agreement. Sums over tokens and ranks, so the numbers are the same for any world size."""
+    and top-1 agreement. The teacher's hidden states come from `teacher_hidden` (teacher_val_hidden of the same
+    batches) when given, else from a teacher forward. Sums over tokens and ranks, so the numbers are the same for
+    any world size."""
     was_training = student.training
     student.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=env.device)  # student CE, teacher CE, KL, agree, tokens
-    for x, y in batches:
+    for n, (x, y) in enumerate(batches):
         with ctx:
             hs = student(x, return_hidden=True).flatten(0, 1)
-            ht = teacher(x, return_hidden=True).flatten(0, 1) if teacher is not None else None
+            ht = None
+            if teacher is not None:
+                ht = teacher_hidden[n] if teacher_hidden is not None else teacher(x, return_hidden=True).flatten(0, 1)
         y = y.reshape(-1)
         for start in range(0, len(y), chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -513,6 +581,228 @@ def run_dir_checkpoints(run_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Pieces of the story
+
+def val_windows(env, vocab_size):
+    """The fixed val windows of this rank: the same tokens on every eval and for any world size."""
+    return val_batches(DATA_DIR, BATCH_SIZE, SEQ_LEN, EVAL_TOKENS, env.rank, env.world_size, env.device, vocab_size)
+
+
+def latest_state(run_dir):
+    """The newest state of the run, named in the non-finite stop message."""
+    return (run_dir_checkpoints(run_dir)[-1:] or [None])[0]
+
+
+def save_student(path, student, entries, config, tokenizer_src, env, prefix=None):
+    """A checkpoint of the student, its config and the run's; `entries` hold the phase's own state."""
+    common.save_run_checkpoint(path, student, {
+        "model_config": dataclasses.asdict(student.config), "config": config, "tokenizer": tokenizer_src,
+        "teacher": TEACHER, "world_size": env.world_size, "rng": common.rng_state(), **entries},
+        env, latest_state(RUN_DIR), KEEP_CHECKPOINTS, prefix)
+
+
+def run_phase1(student, teacher, teacher_val, layers, checkpoint, resume_path, config, env, ctx, metrics,
+               tokenizer_src):
+    """Layer-wise rotation over a cache of hidden states; returns the loader state where phase 2 reads on."""
+    vocab_size = student.config.vocab_size
+    cache_device = env.device if CACHE_DEVICE == "device" else "cpu"
+    loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, env.rank, env.world_size, "cpu", vocab_size)
+    val_tokens = [x.cpu() for x, _ in val_windows(env, vocab_size)]
+    rotation = position = step = total_steps = 0
+    optimizer_state = None
+    if resume_path is not None:
+        check_phase1_settings(checkpoint, config, env, resume_path)
+        progress = checkpoint["progress"]
+        rotation, position, step = progress["rotation"], progress["position"], progress["step"]
+        total_steps = checkpoint["step"]
+        loader.load_state_dict(checkpoint["loader"])  # where this rotation's batches start
+        optimizer_state = checkpoint.get("optimizer")
+        common.set_rng_state(checkpoint["rng"])
+        if step == STEPS_PER_LAYER:  # a finished layer: go on with the next one
+            position, step, optimizer_state = position + 1, 0, None
+        if position == len(layers):  # a finished rotation: skip past its batches
+            rotation, position = rotation + 1, 0
+            for _ in range(NUM_BATCHES):
+                loader.next_batch()
+        say(f"resuming phase 1 from {resume_path}: rotation {rotation}, layer position {position}, step {step}")
+    if rotation == 0 and position == 0 and step == 0:
+        result = evaluate_student(student, val_windows(env, vocab_size), env, ctx, LOSS_CHUNK, teacher, teacher_val)
+        say(eval_line("phase 1 start (undistilled student)", result))
+        metrics.write(phase=1, step=0, event="eval", layer=None, **result)
+
+    tokens_per_step = BATCH_SIZE * SEQ_LEN * env.world_size
+    cos, sin = student.rope(0, SEQ_LEN, env.device)
+    for r in range(rotation, ROTATIONS):
+        rotation_loader = loader.state_dict()
+        train_tokens = [loader.next_batch()[0] for _ in range(NUM_BATCHES)]
+        train_cache = start_cache(teacher, train_tokens, LATENT == "student", cache_device)
+        val_cache = start_cache(teacher, val_tokens, LATENT == "student", cache_device)
+        for pos in range(position if r == rotation else 0, len(layers)):
+            i = layers[pos]
+            t0 = time.perf_counter()
+            for cache in (train_cache, val_cache):
+                advance_cache(cache, teacher, student, i, ctx)
+            inputs, targets = layer_io(train_cache, teacher, student, i, TARGET_TRAINABLE, ctx)
+            val_inputs, val_targets = layer_io(val_cache, teacher, student, i, TARGET_TRAINABLE, ctx)
+            block = student.blocks[i]
+            params = set_trainable(student, target_modules(block, TARGET_TRAINABLE))
+            optimizer = student.configure_optimizer(LR_LAYER, WEIGHT_DECAY, BETAS, env.device_type)
+            first = step if (r, pos) == (rotation, position) else 0
+            val_before = None
+            if first > 0:
+                common.load_optimizer_state(optimizer, optimizer_state, resume_path, "start a new --run-dir",
+                                            BETAS, WEIGHT_DECAY)
+            else:
+                val_before = layer_val_loss(block, val_inputs, val_targets, TARGET_TRAINABLE, cos, sin, env, ctx,
+                                            COSINE_WEIGHT)
+            say(f"rotation {r} layer {i}: cache ready in {time.perf_counter() - t0:.2f}s"
+                + (f" | val loss before {val_before:.6f}" if val_before is not None else ""))
+            bar = tqdm(range(first, STEPS_PER_LAYER), disable=not env.is_master, desc=f"rot {r} layer {i}",
+                       unit="step", dynamic_ncols=True, leave=False)
+            t_last = window_start = time.perf_counter()
+            for s in bar:
+                b = batch_index(SEED, r, i, s, NUM_BATCHES)
+                x = inputs[b].to(env.device, non_blocking=True)
+                y = targets[b].to(env.device, non_blocking=True)
+                lr = common.lr_at(s, STEPS_PER_LAYER, LR_LAYER, WARMUP_LAYER, LR_SCHEDULE, COOLDOWN_FRAC, MIN_LR_FRAC)
+                loss = layer_step(block, optimizer, params, x, y, lr, TARGET_TRAINABLE, cos, sin, ctx, env,
+                                  COSINE_WEIGHT, GRAD_CLIP)
+                total_steps += 1
+                loss_value = common.all_reduce_mean(loss.item(), env)
+                now = time.perf_counter()
+                metrics.write(phase=1, step=total_steps, rotation=r, layer=i, layer_step=s + 1, loss=loss_value,
+                              lr=lr, tokens_per_s=tokens_per_step / (now - t_last))
+                t_last = now
+                if (s + 1) % LOG_EVERY == 0:
+                    rate = LOG_EVERY * tokens_per_step / (now - window_start)
+                    say(f"rotation {r} layer {i} step {s + 1}/{STEPS_PER_LAYER} | loss {loss_value:.6f} | "
+                        f"lr {lr:.2e} | {rate:,.0f} tok/s")
+                    window_start = now
+                if CHECKPOINT_EVERY_LAYER and (s + 1) % CHECKPOINT_EVERY_LAYER == 0 and s + 1 < STEPS_PER_LAYER:
+                    save_student(os.path.join(RUN_DIR, "phase1_state.pt"), student,
+                                 {"phase": 1, "step": total_steps, "optimizer": optimizer.state_dict(),
+                                  "loader": rotation_loader,
+                                  "progress": {"rotation": r, "position": pos, "layer": i, "step": s + 1}},
+                                 config, tokenizer_src, env)
+                    t_last = window_start = time.perf_counter()
+            bar.close()
+            val_after = layer_val_loss(block, val_inputs, val_targets, TARGET_TRAINABLE, cos, sin, env, ctx,
+                                       COSINE_WEIGHT)
+            finish_layer(train_cache, student, i, inputs, targets, TARGET_TRAINABLE, ctx)
+            finish_layer(val_cache, student, i, val_inputs, val_targets, TARGET_TRAINABLE, ctx)
+            del inputs, targets, val_inputs, val_targets
+            student.requires_grad_(False)
+            result = evaluate_student(student, val_windows(env, vocab_size), env, ctx, LOSS_CHUNK, teacher,
+                                      teacher_val)
+            say(f"rotation {r} layer {i}: val loss {val_after:.6f}"
+                + (f" (from {val_before:.6f})" if val_before is not None else ""))
+            say(eval_line(f"phase 1 rotation {r} layer {i}", result))
+            metrics.write(phase=1, step=total_steps, event="layer_done", rotation=r, layer=i,
+                          val_loss_before=val_before, val_loss_after=val_after, **result)
+            save_student(os.path.join(RUN_DIR, f"layer_{r * len(layers) + pos:03d}.pt"), student,
+                         {"phase": 1, "step": total_steps, "loader": rotation_loader, "eval": result,
+                          "progress": {"rotation": r, "position": pos, "layer": i, "step": STEPS_PER_LAYER}},
+                         config, tokenizer_src, env, prefix="layer_")
+        del train_cache, val_cache
+    # phase 2 reads on from where phase 1's batches ended
+    final_path = os.path.join(RUN_DIR, "final.pt")
+    save_student(final_path, student, {"phase": 1, "step": total_steps, "loader": loader.state_dict(),
+                                       "progress": {"rotation": ROTATIONS, "position": 0, "layer": None, "step": 0}},
+                 config, tokenizer_src, env)
+    say(f"phase 1 done: {final_path}")
+    return loader.state_dict()
+
+
+def run_phase2(student, teacher, teacher_val, checkpoint, resume_path, loader_state, config, env, ctx, metrics,
+               tokenizer_src):
+    """End-to-end logit distillation: ALPHA * KD + (1 - ALPHA) * CE, the teacher frozen (CE only: none)."""
+    vocab_size = student.config.vocab_size
+    # CE only (alpha = 0): the teacher plays no part in the loss; it was not even loaded unless phase 1 ran in
+    # this process, and then it still serves the eval
+    kd_teacher = teacher if ALPHA > 0 else None
+    student.train()
+    trainable = {"all": [student], "blocks": list(student.blocks), "mlp": [b.mlp for b in student.blocks],
+                 "attn": [b.attn for b in student.blocks]}[TRAIN_PARAMS]
+    params = set_trainable(student, trainable)
+    optimizer = student.configure_optimizer(LR, WEIGHT_DECAY, BETAS, env.device_type)
+    loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, env.rank, env.world_size, env.device, vocab_size)
+    step = 0
+    if resume_path is not None:
+        step = common.restore_training_state(checkpoint, optimizer, loader, resume_path, "keep train_params as "
+                                             "it was saved, or start a new --run-dir", BETAS, WEIGHT_DECAY)
+        changed = common.changed_settings(checkpoint.get("config", {}), config, ignore=("resume", "run_dir", "alpha"))
+        if changed or checkpoint.get("world_size", env.world_size) != env.world_size:
+            say(f"note: settings changed since {resume_path} (saved, now): {changed}"
+                + (f", world size {checkpoint['world_size']} -> {env.world_size}"
+                   if checkpoint.get("world_size", env.world_size) != env.world_size else ""))
+        if checkpoint["alpha"] != ALPHA:
+            say(f"switch: alpha {checkpoint['alpha']} -> {ALPHA} at phase-2 step {step} "
+                f"({'KD joins CE' if checkpoint['alpha'] == 0 else 'the KD/CE mix changes'})")
+            metrics.write(phase=2, step=step, event="alpha_switch", alpha_before=checkpoint["alpha"], alpha=ALPHA)
+        say(f"resuming phase 2 from {resume_path} at step {step}")
+    elif loader_state is not None:
+        loader.load_state_dict(loader_state)
+    model = DDP(student, device_ids=[env.local_rank] if env.device_type == "cuda" else None) if env.ddp else student
+    tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * env.world_size
+    say(f"phase 2: steps {step} -> {MAX_STEPS} | alpha {ALPHA} | T {TEMPERATURE} | "
+        f"{'top-' + str(TOP_K) if TOP_K else 'full-vocab'} KL | trainable {TRAIN_PARAMS} "
+        f"({sum(p.numel() for p in params) / 1e6:.2f}M) | {tokens_per_step:,} tokens/step")
+    bar = tqdm(total=MAX_STEPS, initial=step, disable=not env.is_master, desc="phase 2", unit="step",
+               dynamic_ncols=True)
+    t_last = window_start = time.perf_counter()
+    window_steps = 0
+    epoch = loader.epoch  # passes over the train stream so far; it wraps at the end
+    while step < MAX_STEPS:
+        lr = common.lr_at(step, MAX_STEPS, LR, WARMUP_STEPS, LR_SCHEDULE, COOLDOWN_FRAC, MIN_LR_FRAC)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums = torch.zeros(3, device=env.device)  # loss, CE, KD
+        for x, y, sync in common.micro_batches(model, loader, GRAD_ACCUM, env):
+            with sync:
+                with ctx:
+                    hidden = model(x, return_hidden=True).flatten(0, 1)
+                    teacher_hidden = None
+                    if kd_teacher is not None:
+                        with torch.no_grad():
+                            teacher_hidden = kd_teacher(x, return_hidden=True).flatten(0, 1)
+                    loss, ce, kd = distill_loss(hidden, student.lm_head.weight, teacher_hidden,
+                                                None if kd_teacher is None else kd_teacher.lm_head.weight,
+                                                y.reshape(-1), ALPHA, TEMPERATURE, TOP_K, LOSS_CHUNK)
+                (loss / GRAD_ACCUM).backward()
+            sums += torch.stack([loss.detach(), ce, kd]) / GRAD_ACCUM
+        (loss_value, ce_value, kd_value), norm_value = common.clip_and_step(optimizer, params, GRAD_CLIP, sums, env,
+                                                                            latest_state(RUN_DIR), step)
+        step += 1
+        now = time.perf_counter()
+        metrics.write(phase=2, step=step, loss=loss_value, ce=ce_value, kd=kd_value if ALPHA > 0 else None,
+                      lr=lr, grad_norm=norm_value, alpha=ALPHA, tokens_per_s=tokens_per_step / (now - t_last),
+                      epoch=loader.epoch)
+        t_last = now
+        bar.update(1)
+        window_steps += 1
+        if loader.epoch != epoch:
+            epoch = loader.epoch
+            say(f"phase 2 step {step}: the train stream wrapped around; epoch {epoch} begins")
+        if step % LOG_EVERY == 0 or step == MAX_STEPS:
+            rate = window_steps * tokens_per_step / (now - window_start)
+            say(f"phase 2 step {step} | epoch {loader.epoch} | loss {loss_value:.4f} | ce {ce_value:.4f}"
+                + (f" | kd {kd_value:.4f}" if ALPHA > 0 else "") + f" | lr {lr:.2e} | grad norm "
+                f"{norm_value:.3f} | {rate:,.0f} tok/s")
+            window_start, window_steps = now, 0
+        if (CHECKPOINT_EVERY > 0 and step % CHECKPOINT_EVERY == 0) or step == MAX_STEPS:
+            result = evaluate_student(student, val_windows(env, vocab_size), env, ctx, LOSS_CHUNK, teacher,
+                                      teacher_val)
+            say(eval_line(f"phase 2 step {step}", result))
+            metrics.write(phase=2, step=step, event="eval", **result)
+            save_student(os.path.join(RUN_DIR, f"step_{step:06d}.pt"), student,
+                         {"phase": 2, "step": step, "alpha": ALPHA, "optimizer": optimizer.state_dict(),
+                          "loader": loader.state_dict(), "eval": result}, config, tokenizer_src, env, prefix="step_")
+            t_last = window_start = time.perf_counter()
+            window_steps = 0
+    bar.close()
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The story
 
 def main():
@@ -520,7 +810,6 @@ def main():
     check_settings()
 
     env = common.setup_device(DEVICE)
-    master = env.is_master
     dtype = common.resolve_dtype(DTYPE, env.device_type)
     if dtype == torch.float16:
         raise common.ConfigError("dtype = float16 needs loss scaling, which distill.py does not do; use bfloat16")
@@ -530,24 +819,24 @@ def main():
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(SEED)
 
-    def say(*args):
-        if master:
-            tqdm.write(" ".join(str(a) for a in args))
-
     # ---- Where this run starts: a phase-2 step, a phase-1 state, phase 1's final.pt, INIT_FROM or the teacher
     existing = run_dir_checkpoints(RUN_DIR)
     if existing and not RESUME:
         raise SystemExit(f"run dir '{RUN_DIR}' already holds checkpoints ({existing[-1]}); pass --resume to "
                          f"continue it, or choose a new --run-dir")
+    if RESUME and not existing:
+        raise SystemExit(f"--resume: run dir '{RUN_DIR}' holds no complete checkpoint; nothing to resume")
     final_path = os.path.join(RUN_DIR, "final.pt")
     phase1_done = os.path.exists(final_path) and os.path.exists(os.path.splitext(final_path)[0] + ".json")
     phase2_path = common.latest_checkpoint(RUN_DIR, "step_") if RESUME else None
     phase1_path = phase1_resume_path(RUN_DIR) if RESUME and not phase1_done and phase2_path is None else None
     run1 = "1" in PHASES and not phase1_done and phase2_path is None
     run2 = "2" in PHASES
-    if RESUME and not existing:
-        raise SystemExit(f"--resume: run dir '{RUN_DIR}' holds no complete checkpoint; nothing to resume")
     start_path = phase2_path or phase1_path or (final_path if phase1_done else None) or INIT_FROM
+    cache_device = env.device if CACHE_DEVICE == "device" else "cpu"
+    width = model_width(TEACHER)
+    if run1 and width is not None:  # a cache that will not fit is refused before anything is loaded
+        check_cache_fits(width, cache_device, env)
 
     # ---- The teacher (not loaded at all for a CE-only phase 2 whose student already exists), its tokenizer
     need_teacher = run1 or (run2 and ALPHA > 0) or start_path is None
@@ -555,6 +844,8 @@ def main():
     if need_teacher:
         teacher, teacher_checkpoint = common.load_model(TEACHER)
         teacher.to(env.device).eval().requires_grad_(False)
+        if run1 and width is None:  # a hub id or .gguf: its width is known only now
+            check_cache_fits(teacher.config.n_embd, cache_device, env)
     tokenizer_src = common.tokenizer_source(TEACHER, teacher_checkpoint)
     tokenizer = common.load_tokenizer(tokenizer_src)
 
@@ -564,7 +855,6 @@ def main():
         if teacher is not None:
             check_student_matches_teacher(student.config, teacher.config, start_path)
         say(f"student: from {start_path} (its architecture; mlp_kind/mlp_hidden/window settings are not used)")
-        new_mlps = []
     else:
         start_checkpoint = None
         student, new_mlps = build_student(teacher, student_config(teacher.config, MLP_KIND, MLP_HIDDEN, MLP_LAYERS,
@@ -587,239 +877,32 @@ def main():
         f"device {env.device} x{env.world_size} | {str(dtype).replace('torch.', '')}")
 
     # ---- Run dir: effective config, tokenizer copy, metrics (only rank 0 writes)
-    metrics = common.MetricsLog(RUN_DIR, enabled=master)
-    if master:
+    metrics = common.MetricsLog(RUN_DIR, enabled=env.is_master)
+    if env.is_master:
         common.atomic_write_text(json.dumps({**config, "world_size": env.world_size,
                                              "student_config": dataclasses.asdict(sc)}, indent=2) + "\n",
                                  os.path.join(RUN_DIR, "config.json"))
         common.save_tokenizer_copy(tokenizer, RUN_DIR)
-        if start_checkpoint is not None and RESUME:  # records after the state we resume from are about to be redone
-            drop_metrics_after(metrics.path, start_checkpoint.get("phase", 1), start_checkpoint.get("step", 0))
+        # on resume the records after the state we continue from are about to be redone; a fresh start drops
+        # what a run that crashed before its first checkpoint left behind
+        resumed = start_checkpoint is not None and RESUME
+        common.trim_metrics(metrics.path, {"phase": start_checkpoint.get("phase", 1),
+                                           "step": start_checkpoint.get("step", 0)} if resumed else None)
 
-    def val():
-        return val_batches(DATA_DIR, BATCH_SIZE, SEQ_LEN, EVAL_TOKENS, env.rank, env.world_size, env.device,
-                           vocab_size)
+    # the teacher's side of every eval, computed once
+    teacher_val = teacher_val_hidden(teacher, val_windows(env, vocab_size), ctx) if teacher is not None else None
 
-    def save(path, checkpoint, prefix=None):
-        finite = torch.stack([p.detach().isfinite().all() for p in student.parameters()]).all()
-        if not finite:
-            raise SystemExit(f"stopping: the student's weights hold NaN/inf before saving {path}; lower the learning "
-                             f"rate and resume from the latest good checkpoint ({run_dir_checkpoints(RUN_DIR)[-1:]})")
-        if master:
-            common.save_checkpoint(path, {"model": student.state_dict(), "model_config": dataclasses.asdict(sc),
-                                          "config": config, "tokenizer": tokenizer_src, "teacher": TEACHER,
-                                          "world_size": env.world_size, "rng": common.rng_state(), **checkpoint})
-            if prefix:
-                common.prune_checkpoints(RUN_DIR, KEEP_CHECKPOINTS, prefix)
-        if env.ddp:
-            torch.distributed.barrier()  # nobody runs ahead while rank 0 writes
-
-    # ==========================================================================================================
-    # Phase 1: layer-wise rotation over a cache of hidden states
+    loader_state = None  # where phase 2's data starts: after phase 1's batches
+    if start_checkpoint is not None and start_checkpoint.get("phase") == 1:
+        loader_state = start_checkpoint.get("loader")
     if run1:
-        cache_device = env.device if CACHE_DEVICE == "device" else "cpu"
-        loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, env.rank, env.world_size, "cpu", vocab_size)
-        val_tokens = [x.cpu() for x, _ in val()]
-        rotation = position = step = total_steps = 0
-        optimizer_state = None
-        if phase1_path is not None:
-            checkpoint = start_checkpoint
-            check_phase1_settings(checkpoint, config, env, phase1_path)
-            p = checkpoint["progress"]
-            rotation, position, step, total_steps = p["rotation"], p["position"], p["step"], checkpoint["step"]
-            loader.load_state_dict(checkpoint["loader"])  # where this rotation's batches start
-            optimizer_state = checkpoint.get("optimizer")
-            common.set_rng_state(checkpoint["rng"])
-            if step == STEPS_PER_LAYER:  # a finished layer: go on with the next one
-                position, step, optimizer_state = position + 1, 0, None
-            if position == len(layers):  # a finished rotation: skip past its batches
-                rotation, position = rotation + 1, 0
-                for _ in range(NUM_BATCHES):
-                    loader.next_batch()
-            say(f"resuming phase 1 from {phase1_path}: rotation {rotation}, layer position {position}, step {step}")
-
-        need = (cache_bytes(NUM_BATCHES, BATCH_SIZE, SEQ_LEN, sc.n_embd, LATENT)
-                + cache_bytes(len(val_tokens), BATCH_SIZE, SEQ_LEN, sc.n_embd, LATENT))
-        say(f"phase-1 cache: 2 x ({NUM_BATCHES}, {BATCH_SIZE}, {SEQ_LEN}, {sc.n_embd}) fp32 per rank for train + "
-            f"2 x ({len(val_tokens)}, {BATCH_SIZE}, {SEQ_LEN}, {sc.n_embd}) for val = {need / 2**30:.3f} GiB on "
-            f"{cache_device} (latent: {LATENT})")
-        check_cache_fits(need, cache_device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-        if rotation == 0 and position == 0 and step == 0:
-            result = evaluate_student(student, teacher, val(), env, ctx, LOSS_CHUNK)
-            say(eval_line("phase 1 start (undistilled student)", result))
-            metrics.write(phase=1, step=0, event="eval", layer=None, **result)
-
-        tokens_per_step = BATCH_SIZE * SEQ_LEN * env.world_size
-        cos, sin = student.rope(0, SEQ_LEN, env.device)
-        for r in range(rotation, ROTATIONS):
-            rotation_loader = loader.state_dict()
-            train_tokens = [loader.next_batch()[0] for _ in range(NUM_BATCHES)]
-            train_cache = start_cache(teacher, train_tokens, LATENT == "student", cache_device, ctx)
-            val_cache = start_cache(teacher, val_tokens, LATENT == "student", cache_device, ctx)
-            for p in range(position if r == rotation else 0, len(layers)):
-                i = layers[p]
-                t0 = time.perf_counter()
-                for cache in (train_cache, val_cache):
-                    advance_cache(cache, teacher, student, i, ctx)
-                inputs, targets = layer_io(train_cache, teacher, student, i, TARGET_TRAINABLE, ctx)
-                val_inputs, val_targets = layer_io(val_cache, teacher, student, i, TARGET_TRAINABLE, ctx)
-                block = student.blocks[i]
-                params = set_trainable(student, target_modules(block, TARGET_TRAINABLE))
-                optimizer = student.configure_optimizer(LR_LAYER, WEIGHT_DECAY, BETAS, env.device_type)
-                first = step if (r, p) == (rotation, position) else 0
-                val_before = None
-                if first > 0:
-                    optimizer.load_state_dict(optimizer_state)
-                else:
-                    val_before = layer_val_loss(block, val_inputs, val_targets, TARGET_TRAINABLE, cos, sin, env, ctx,
-                                                COSINE_WEIGHT)
-                say(f"rotation {r} layer {i}: cache ready in {time.perf_counter() - t0:.2f}s"
-                    + (f" | val loss before {val_before:.6f}" if val_before is not None else ""))
-                bar = tqdm(range(first, STEPS_PER_LAYER), disable=not master, desc=f"rot {r} layer {i}",
-                           unit="step", dynamic_ncols=True, leave=False)
-                t_last = window_start = time.perf_counter()
-                for s in bar:
-                    b = batch_index(SEED, r, i, s, NUM_BATCHES)
-                    x = inputs[b].to(env.device, non_blocking=True)
-                    y = targets[b].to(env.device, non_blocking=True)
-                    lr = common.lr_at(s, STEPS_PER_LAYER, LR_LAYER, WARMUP_LAYER, LR_SCHEDULE, 0.2, MIN_LR_FRAC)
-                    loss = layer_step(block, optimizer, params, x, y, lr, TARGET_TRAINABLE, cos, sin, ctx, env,
-                                      COSINE_WEIGHT, GRAD_CLIP)
-                    total_steps += 1
-                    loss_value = common.all_reduce_mean(loss.item(), env)
-                    now = time.perf_counter()
-                    metrics.write(phase=1, step=total_steps, rotation=r, layer=i, layer_step=s + 1, loss=loss_value,
-                                  lr=lr, tokens_per_s=tokens_per_step / (now - t_last))
-                    t_last = now
-                    if (s + 1) % LOG_EVERY == 0:
-                        rate = LOG_EVERY * tokens_per_step / (now - window_start)
-                        say(f"rotation {r} layer {i} step {s + 1}/{STEPS_PER_LAYER} | loss {loss_value:.6f} | "
-                            f"lr {lr:.2e} | {rate:,.0f} tok/s")
-                        window_start = now
-                    if CHECKPOINT_EVERY_LAYER and (s + 1) % CHECKPOINT_EVERY_LAYER == 0 and s + 1 < STEPS_PER_LAYER:
-                        save(os.path.join(RUN_DIR, "phase1_state.pt"),
-                             {"phase": 1, "step": total_steps, "optimizer": optimizer.state_dict(),
-                              "loader": rotation_loader,
-                              "progress": {"rotation": r, "position": p, "layer": i, "step": s + 1}})
-                        t_last = window_start = time.perf_counter()
-                bar.close()
-                val_after = layer_val_loss(block, val_inputs, val_targets, TARGET_TRAINABLE, cos, sin, env, ctx,
-                                           COSINE_WEIGHT)
-                finish_layer(train_cache, student, i, inputs, targets, TARGET_TRAINABLE, ctx)
-                finish_layer(val_cache, student, i, val_inputs, val_targets, TARGET_TRAINABLE, ctx)
-                del inputs, targets, val_inputs, val_targets
-                student.requires_grad_(False)
-                result = evaluate_student(student, teacher, val(), env, ctx, LOSS_CHUNK)
-                say(f"rotation {r} layer {i}: val loss {val_after:.6f}"
-                    + (f" (from {val_before:.6f})" if val_before is not None else ""))
-                say(eval_line(f"phase 1 rotation {r} layer {i}", result))
-                metrics.write(phase=1, step=total_steps, event="layer_done", rotation=r, layer=i,
-                              val_loss_before=val_before, val_loss_after=val_after, **result)
-                save(os.path.join(RUN_DIR, f"layer_{r * len(layers) + p:03d}.pt"),
-                     {"phase": 1, "step": total_steps, "loader": rotation_loader, "eval": result,
-                      "progress": {"rotation": r, "position": p, "layer": i, "step": STEPS_PER_LAYER}},
-                     prefix="layer_")
-            del train_cache, val_cache
-        # phase 2 reads on from where phase 1's batches ended
-        save(final_path, {"phase": 1, "step": total_steps, "loader": loader.state_dict(),
-                          "progress": {"rotation": ROTATIONS, "position": 0, "layer": None, "step": 0}})
-        say(f"phase 1 done: {final_path}")
-        start_checkpoint = {"phase": 1, "loader": loader.state_dict()}
-
-    # ==========================================================================================================
-    # Phase 2: end-to-end logit distillation
+        loader_state = run_phase1(student, teacher, teacher_val, layers, start_checkpoint, phase1_path, config, env,
+                                  ctx, metrics, tokenizer_src)
     if run2:
-        # CE only (alpha = 0): the teacher plays no part in the loss; it was not even loaded unless phase 1 ran
-        # in this process, and then it still serves the eval
-        kd_teacher = teacher if ALPHA > 0 else None
-        student.train()
-        trainable = {"all": [student], "blocks": list(student.blocks), "mlp": [b.mlp for b in student.blocks],
-                     "attn": [b.attn for b in student.blocks]}[TRAIN_PARAMS]
-        params = set_trainable(student, trainable)
-        optimizer = student.configure_optimizer(LR, WEIGHT_DECAY, BETAS, env.device_type)
-        loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, env.rank, env.world_size, env.device, vocab_size)
-        step = 0
-        if phase2_path is not None:
-            checkpoint = start_checkpoint
-            step = int(checkpoint["step"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            for group in optimizer.param_groups:  # the saved groups carry the old hyperparameters; ours win
-                group["betas"] = BETAS
-                group["weight_decay"] = WEIGHT_DECAY if group["weight_decay"] > 0 else 0.0
-            loader.load_state_dict(checkpoint["loader"])
-            common.set_rng_state(checkpoint["rng"])
-            if checkpoint["alpha"] != ALPHA:
-                say(f"switch: alpha {checkpoint['alpha']} -> {ALPHA} at phase-2 step {step} "
-                    f"({'KD joins CE' if checkpoint['alpha'] == 0 else 'the KD/CE mix changes'})")
-                metrics.write(phase=2, step=step, event="alpha_switch", alpha_before=checkpoint["alpha"], alpha=ALPHA)
-            say(f"resuming phase 2 from {phase2_path} at step {step}")
-        elif start_checkpoint is not None and start_checkpoint.get("phase") == 1 and "loader" in start_checkpoint:
-            loader.load_state_dict(start_checkpoint["loader"])
-        model = DDP(student, device_ids=[env.local_rank] if env.device_type == "cuda" else None) if env.ddp else student
-        tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * env.world_size
-        clip = GRAD_CLIP if GRAD_CLIP > 0 else float("inf")
-        say(f"phase 2: steps {step} -> {MAX_STEPS} | alpha {ALPHA} | T {TEMPERATURE} | "
-            f"{'top-' + str(TOP_K) if TOP_K else 'full-vocab'} KL | trainable {TRAIN_PARAMS} "
-            f"({sum(p.numel() for p in params) / 1e6:.2f}M) | {tokens_per_step:,} tokens/step")
-        bar = tqdm(total=MAX_STEPS, initial=step, disable=not master, desc="phase 2", unit="step", dynamic_ncols=True)
-        t_last = window_start = time.perf_counter()
-        window_steps = 0
-        while step < MAX_STEPS:
-            lr = common.lr_at(step, MAX_STEPS, LR, WARMUP_STEPS, LR_SCHEDULE, 0.2, MIN_LR_FRAC)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            sums = torch.zeros(3, device=env.device)
-            for micro in range(GRAD_ACCUM):
-                x, y = loader.next_batch()
-                sync = model.no_sync() if env.ddp and micro < GRAD_ACCUM - 1 else nullcontext()
-                with sync:
-                    with ctx:
-                        hidden = model(x, return_hidden=True).flatten(0, 1)
-                        teacher_hidden = None
-                        if kd_teacher is not None:
-                            with torch.no_grad():
-                                teacher_hidden = kd_teacher(x, return_hidden=True).flatten(0, 1)
-                        loss, ce, kd = distill_loss(hidden, student.lm_head.weight, teacher_hidden,
-                                                    None if kd_teacher is None else kd_teacher.lm_head.weight,
-                                                    y.reshape(-1), ALPHA, TEMPERATURE, TOP_K, LOSS_CHUNK)
-                    (loss / GRAD_ACCUM).backward()
-                sums += torch.stack([loss.detach(), ce, kd]) / GRAD_ACCUM
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            if env.ddp:
-                torch.distributed.all_reduce(sums)
-                sums /= env.world_size
-            loss_value, ce_value, kd_value, norm_value = torch.cat([sums, grad_norm.float().view(1)]).tolist()
-            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                raise SystemExit(f"stopping: non-finite loss {loss_value} / grad norm {norm_value} at phase-2 step "
-                                 f"{step + 1}; the step was not taken. Lower --lr and resume from the latest "
-                                 f"checkpoint ({common.latest_checkpoint(RUN_DIR, 'step_')})")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            now = time.perf_counter()
-            metrics.write(phase=2, step=step, loss=loss_value, ce=ce_value, kd=kd_value if ALPHA > 0 else None,
-                          lr=lr, grad_norm=norm_value, alpha=ALPHA, tokens_per_s=tokens_per_step / (now - t_last))
-            t_last = now
-            bar.update(1)
-            window_steps += 1
-            if step % LOG_EVERY == 0 or step == MAX_STEPS:
-                rate = window_steps * tokens_per_step / (now - window_start)
-                say(f"phase 2 step {step} | loss {loss_value:.4f} | ce {ce_value:.4f}"
-                    + (f" | kd {kd_value:.4f}" if ALPHA > 0 else "") + f" | lr {lr:.2e} | grad norm "
-                    f"{norm_value:.3f} | {rate:,.0f} tok/s")
-                window_start, window_steps = now, 0
-            if (CHECKPOINT_EVERY > 0 and step % CHECKPOINT_EVERY == 0) or step == MAX_STEPS:
-                result = evaluate_student(student, teacher, val(), env, ctx, LOSS_CHUNK)
-                say(eval_line(f"phase 2 step {step}", result))
-                metrics.write(phase=2, step=step, event="eval", **result)
-                save(os.path.join(RUN_DIR, f"step_{step:06d}.pt"),
-                     {"phase": 2, "step": step, "alpha": ALPHA, "optimizer": optimizer.state_dict(),
-                      "loader": loader.state_dict(), "eval": result}, prefix="step_")
-                t_last = window_start = time.perf_counter()
-                window_steps = 0
-        bar.close()
+        run_phase2(student, teacher, teacher_val, start_checkpoint if phase2_path else None, phase2_path,
+                   loader_state, config, env, ctx, metrics, tokenizer_src)
 
-    if EXPORT_HF and master:
+    if EXPORT_HF and env.is_master:
         out = student.save_pretrained(os.path.join(RUN_DIR, "hf"), tokenizer_dir=os.path.join(RUN_DIR, "tokenizer"))
         say(f"exported the student as a Hugging Face Llama: {out}")
     say(f"done: {RUN_DIR}")
@@ -829,24 +912,22 @@ def main():
 
 def check_settings():
     """Settings that can be refused before anything is loaded."""
-    choices = {"PHASES": ("1", "2", "12"), "TARGET_TRAINABLE": ("decoder", "attn", "block"), "LATENT": ("teacher", "student"),
-               "CACHE_DEVICE": ("device", "cpu"), "MLP_KIND": MLP_KINDS + ("keep",),
+    choices = {"PHASES": ("1", "2", "12"), "TARGET_TRAINABLE": ("decoder", "attn", "block"),
+               "LATENT": ("teacher", "student"), "CACHE_DEVICE": ("device", "cpu"), "MLP_KIND": MLP_KINDS + ("keep",),
                "TRAIN_PARAMS": ("all", "blocks", "mlp", "attn"), "LR_SCHEDULE": ("trapezoid", "cosine", "constant")}
     for name, allowed in choices.items():
         if globals()[name] not in allowed:
             raise common.ConfigError(f"{name.lower()} = {globals()[name]!r}; expected one of {', '.join(allowed)}")
-    for name in ("ROTATIONS", "STEPS_PER_LAYER", "NUM_BATCHES", "MAX_STEPS", "GRAD_ACCUM", "BATCH_SIZE", "SEQ_LEN",
-                 "EVAL_TOKENS", "LOSS_CHUNK", "LOG_EVERY"):
-        if globals()[name] < 1:
-            raise common.ConfigError(f"{name.lower()} = {globals()[name]}; expected an int >= 1")
-    for name in ("TOP_K", "WARMUP_LAYER", "WARMUP_STEPS", "CHECKPOINT_EVERY", "CHECKPOINT_EVERY_LAYER",
-                 "KEEP_CHECKPOINTS"):
-        if globals()[name] < 0:
-            raise common.ConfigError(f"{name.lower()} = {globals()[name]}; expected an int >= 0")
+    common.check_at_least(globals(), 1, ("ROTATIONS", "STEPS_PER_LAYER", "NUM_BATCHES", "MAX_STEPS", "GRAD_ACCUM",
+                                         "BATCH_SIZE", "SEQ_LEN", "EVAL_TOKENS", "LOSS_CHUNK", "LOG_EVERY"))
+    common.check_at_least(globals(), 0, ("TOP_K", "WARMUP_LAYER", "WARMUP_STEPS", "CHECKPOINT_EVERY",
+                                         "CHECKPOINT_EVERY_LAYER", "KEEP_CHECKPOINTS"))
     if not 0 <= ALPHA <= 1:
         raise common.ConfigError(f"alpha = {ALPHA}; expected a value in [0, 1]")
     if TEMPERATURE <= 0:
         raise common.ConfigError(f"temperature = {TEMPERATURE}; expected > 0")
+    if not 0 <= COOLDOWN_FRAC <= 1:
+        raise common.ConfigError(f"cooldown_frac = {COOLDOWN_FRAC}; expected a value in [0, 1]")
     if MLP_HIDDEN is not None and MLP_HIDDEN < 1:
         raise common.ConfigError(f"mlp_hidden = {MLP_HIDDEN}; expected a positive int or none")
     if WINDOW is not None and WINDOW < 1:
@@ -857,27 +938,15 @@ def check_settings():
 
 
 def check_phase1_settings(checkpoint, config, env, path):
-    # these fix the cached batches and the schedule: resuming with any of them changed could not be exact
-    fixed = ("teacher", "data_dir", "layers", "steps_per_layer", "target_trainable", "latent", "num_batches",
-             "batch_size", "seq_len", "seed")
-    prior = checkpoint.get("config", {})
-    changed = {k: (prior.get(k), config[k]) for k in fixed if prior.get(k) != config[k]}
+    """Phase 1 resumes exactly only with the settings it was saved with (PHASE1_RESUMABLE_CHANGES aside)."""
+    changed = common.changed_settings(checkpoint.get("config", {}), config, ignore=PHASE1_RESUMABLE_CHANGES)
     if checkpoint.get("world_size", env.world_size) != env.world_size:
         changed["world_size"] = (checkpoint.get("world_size"), env.world_size)
     if changed:
         raise SystemExit(f"cannot resume phase 1 from '{path}': settings changed since it was saved "
-                         f"{ {k: f'{a!r} -> {b!r}' for k, (a, b) in changed.items()} }; these fix the cached "
-                         f"batches and the schedule, so use the saved values or start a new --run-dir")
-
-
-def drop_metrics_after(path, phase, step):
-    """Keep the metrics.jsonl records up to the state being resumed; later ones are about to be recomputed."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        records = [line for line in f if line.strip()]
-    kept = [line for line in records if (json.loads(line)["phase"], json.loads(line)["step"]) <= (phase, step)]
-    common.atomic_write_text("".join(kept), path)
+                         f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changed.items())}); resuming with "
+                         f"them could not end where the saved run would, so use the saved values or start a new "
+                         f"--run-dir")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -69,14 +68,8 @@ config = common.configure(globals())
 
 if LR_SCHEDULE not in ("trapezoid", "cosine", "constant"):
     raise common.ConfigError(f"lr_schedule = {LR_SCHEDULE!r}; expected trapezoid, cosine or constant")
-for _name in ("BATCH_SIZE", "SEQ_LEN", "GRAD_ACCUM", "EVAL_TOKENS"):
-    if globals()[_name] < 1:
-        raise common.ConfigError(f"{_name.lower()} = {globals()[_name]}; expected an int >= 1")
-for _name in ("MAX_STEPS", "WARMUP_STEPS", "EVAL_EVERY", "CHECKPOINT_EVERY", "KEEP_CHECKPOINTS"):
-    if globals()[_name] < 0:
-        raise common.ConfigError(f"{_name.lower()} = {globals()[_name]}; expected an int >= 0")
-if LOG_EVERY < 1:
-    raise common.ConfigError(f"log_every = {LOG_EVERY}; expected an int >= 1")
+common.check_at_least(globals(), 1, ("BATCH_SIZE", "SEQ_LEN", "GRAD_ACCUM", "EVAL_TOKENS", "LOG_EVERY"))
+common.check_at_least(globals(), 0, ("MAX_STEPS", "WARMUP_STEPS", "EVAL_EVERY", "CHECKPOINT_EVERY", "KEEP_CHECKPOINTS"))
 if TARGET_TOKENS is not None and TARGET_TOKENS < 1:
     raise common.ConfigError(f"target_tokens = {TARGET_TOKENS}; expected a positive int or none")
 if RESUME and INIT_FROM:
@@ -203,24 +196,10 @@ loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, env.rank, env.world
 step = 0  # optimizer steps done; the LR schedule and the checkpoint names count these
 continue_schedule = checkpoint is not None and not IGNORE_PRIOR_SCHEDULE
 if continue_schedule:
-    for key in ("optimizer", "loader", "rng", "step"):
-        if key not in checkpoint:
-            raise SystemExit(f"checkpoint '{start_source}' has no '{key}' entry, so training cannot continue from "
-                             f"it; pass --ignore-prior-schedule to start a new schedule from its weights")
-    step = int(checkpoint["step"])
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (ValueError, KeyError) as e:  # e.g. a distill.py checkpoint that trained only some parameters
-        raise SystemExit(f"checkpoint '{start_source}': its optimizer state does not fit this model's parameter "
-                         f"groups ({e}); pass --ignore-prior-schedule to start a new schedule from its weights")
-    for group in optimizer.param_groups:  # the saved groups carry the old hyperparameters; ours win
-        group["betas"] = BETAS
-        group["weight_decay"] = WEIGHT_DECAY if group["weight_decay"] > 0 else 0.0
-    loader.load_state_dict(checkpoint["loader"])
-    common.set_rng_state(checkpoint["rng"])
+    step = common.restore_training_state(checkpoint, optimizer, loader, start_source, "pass --ignore-prior-schedule "
+                                         "to start a new schedule from its weights", BETAS, WEIGHT_DECAY)
     prior = checkpoint.get("config", {})
-    changed = {k: (prior[k], v) for k, v in config.items() if k in prior and prior[k] != v
-               and k not in ("resume", "init_from", "run_dir", "eval_only")}
+    changed = common.changed_settings(prior, config, ignore=("resume", "init_from", "run_dir", "eval_only"))
     saved_world = checkpoint.get("world_size", env.world_size)
     if changed or saved_world != env.world_size:
         say(f"note: settings changed since {start_source} (saved, now): {changed}"
@@ -242,12 +221,9 @@ if master:
                                          "model_config": dataclasses.asdict(model_config)}, indent=2) + "\n",
                              os.path.join(RUN_DIR, "config.json"))
     common.save_tokenizer_copy(tokenizer, RUN_DIR)
-    # On resume, the records after the checkpoint's step are about to be recomputed, so they go; a fresh run
-    # replaces whatever a run that never reached a checkpoint left behind.
-    if os.path.exists(metrics.path):
-        with open(metrics.path, encoding="utf-8") as f:
-            kept = [line for line in f if RESUME and line.strip() and json.loads(line)["step"] <= step]
-        common.atomic_write_text("".join(kept), metrics.path)
+    # on resume the records after the checkpoint's step are about to be redone; a fresh run drops what a run
+    # that never reached a checkpoint left behind
+    common.trim_metrics(metrics.path, {"step": step} if RESUME else None)
 
 wandb_run = None
 if master and WANDB_PROJECT:
@@ -268,29 +244,14 @@ def log(**record):
         wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
 
-def stop_non_finite(what):
-    latest = common.latest_checkpoint(RUN_DIR)
-    shutdown()
-    raise SystemExit(f"stopping: {what}. Nothing was saved for this step; the latest good checkpoint is "
-                     f"{latest or '(none yet)'}. Lower --lr, raise --warmup-steps or check --grad-clip, then "
-                     f"resume from it with --resume (or start a new --run-dir).")
-
-
 def save(step, val_loss):
-    """A resumable checkpoint; every rank checks the weights first, so a diverged model is never the latest."""
-    finite = torch.stack([p.detach().isfinite().all() for p in raw_model.parameters()]).all()
-    if not finite:
-        stop_non_finite(f"the weights hold NaN/inf after step {step}")
-    if master:
-        path = os.path.join(RUN_DIR, f"step_{step:06d}.pt")
-        common.save_checkpoint(path, {
-            "model": raw_model.state_dict(), "model_config": dataclasses.asdict(model_config), "config": config,
-            "step": step, "tokenizer": tokenizer_src, "optimizer": optimizer.state_dict(),
-            "loader": loader.state_dict(), "rng": common.rng_state(), "world_size": env.world_size,
-            "tokens": step * tokens_per_step, "val_loss": val_loss})
-        common.prune_checkpoints(RUN_DIR, KEEP_CHECKPOINTS)
-    if env.ddp:
-        torch.distributed.barrier()  # nobody runs ahead while rank 0 writes, so a crash loses at most this save
+    """A resumable checkpoint (every rank first checks that the weights are finite)."""
+    common.save_run_checkpoint(
+        os.path.join(RUN_DIR, f"step_{step:06d}.pt"), raw_model,
+        {"model_config": dataclasses.asdict(model_config), "config": config, "step": step, "tokenizer": tokenizer_src,
+         "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": common.rng_state(),
+         "world_size": env.world_size, "tokens": step * tokens_per_step, "val_loss": val_loss},
+        env, common.latest_checkpoint(RUN_DIR), KEEP_CHECKPOINTS, "step_")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,10 +272,10 @@ if step == 0 and EVAL_EVERY > 0 and max_steps > 0:
     log(step=0, val_loss=val_loss, val_ppl=math.exp(val_loss))
 
 params = [p for p in raw_model.parameters() if p.requires_grad]
-clip = GRAD_CLIP if GRAD_CLIP > 0 else float("inf")  # inf: clip_grad_norm_ only measures the norm
 progress = tqdm(total=max_steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
 window_start, window_steps, last_saved = time.perf_counter(), 0, None
 t_last = time.perf_counter()
+epoch = loader.epoch  # passes over the train stream so far; it wraps at the end
 while step < max_steps:
     lr = common.lr_at(step, max_steps, LR, WARMUP_STEPS, LR_SCHEDULE, COOLDOWN_FRAC, MIN_LR_FRAC)
     for group in optimizer.param_groups:
@@ -322,26 +283,14 @@ while step < max_steps:
     # Micro-step k of rank r reads loader window (step * GRAD_ACCUM + k) * world + r, so one process with
     # GRAD_ACCUM = 2 sees exactly the tokens two processes with GRAD_ACCUM = 1 see at the same step.
     loss_sum = torch.zeros((), device=env.device)
-    for micro in range(GRAD_ACCUM):
-        x, y = loader.next_batch()
-        # gradients are all-reduced once per step, on the last micro-step
-        sync = model.no_sync() if env.ddp and micro < GRAD_ACCUM - 1 else nullcontext()
+    for x, y, sync in common.micro_batches(model, loader, GRAD_ACCUM, env):
         with sync:
             with ctx:
                 loss = model(x, y)
             (loss / GRAD_ACCUM).backward()
         loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    step_loss = loss_sum / GRAD_ACCUM
-    if env.ddp:  # every micro-batch holds the same number of tokens, so the mean of means is the global mean
-        torch.distributed.all_reduce(step_loss)
-        step_loss /= env.world_size
-    loss_value, norm_value = torch.stack([step_loss.float(), grad_norm.float()]).tolist()
-    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-        stop_non_finite(f"non-finite loss {loss_value} / grad norm {norm_value} at step {step + 1}; the optimizer "
-                        f"step was not taken")
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    (loss_value,), norm_value = common.clip_and_step(optimizer, params, GRAD_CLIP, (loss_sum / GRAD_ACCUM).view(1),
+                                                     env, common.latest_checkpoint(RUN_DIR), step)
     step += 1
 
     now = time.perf_counter()
@@ -349,13 +298,16 @@ while step < max_steps:
     tokens_per_s = tokens_per_step / dt
     mfu = flops_per_token * tokens_per_s / (peak * env.world_size) if peak else None
     log(step=step, loss=loss_value, lr=lr, grad_norm=norm_value, tokens=step * tokens_per_step, dt=dt,
-        tokens_per_s=tokens_per_s, mfu=mfu)
+        tokens_per_s=tokens_per_s, mfu=mfu, epoch=loader.epoch)
+    if loader.epoch != epoch:
+        epoch = loader.epoch
+        say(f"step {step}: the train stream wrapped around; epoch {epoch} begins")
     progress.update(1)
     window_steps += 1
     if step % LOG_EVERY == 0 or step == max_steps:
         rate = window_steps * tokens_per_step / (now - window_start)
-        say(f"step {step} | loss {loss_value:.4f} | lr {lr:.3e} | grad norm {norm_value:.3f} | "
-            f"{rate:,.0f} tok/s" + (f" | mfu {100 * rate * flops_per_token / (peak * env.world_size):.1f}%"
+        say(f"step {step} | epoch {loader.epoch} | loss {loss_value:.4f} | lr {lr:.3e} | grad norm "
+            f"{norm_value:.3f} | {rate:,.0f} tok/s" + (f" | mfu {100 * rate * flops_per_token / (peak * env.world_size):.1f}%"
                                      if peak else ""))
         window_start, window_steps = time.perf_counter(), 0
     paused = False

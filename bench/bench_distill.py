@@ -35,7 +35,7 @@ def smollm2_teacher(seed=0):
 def cached_rotation(teacher, student, tokens, steps, target, ctx, env):
     """distill.py's phase 1 (LATENT=student), without checkpoints and evals."""
     losses = []
-    cache = distill.start_cache(teacher, tokens, True, "cpu", ctx)
+    cache = distill.start_cache(teacher, tokens, True, "cpu")
     cos, sin = student.rope(0, tokens[0].shape[1], "cpu")
     for i in range(student.config.n_layer):
         distill.advance_cache(cache, teacher, student, i, ctx)

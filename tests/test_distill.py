@@ -152,7 +152,7 @@ def test_cached_latent_entering_each_layer_is_the_models_own_hidden_state(latent
         block.mlp.down.weight.data.normal_(0, 0.1)
     tokens = [torch.randint(0, 96, (2, 24)) for _ in range(3)]
     ctx = torch.autocast("cpu", enabled=False)
-    cache = distill.start_cache(teacher, tokens, latent == "student", "cpu", ctx)
+    cache = distill.start_cache(teacher, tokens, latent == "student", "cpu")
     with torch.no_grad():
         teacher_h = [hidden_states(teacher, x) for x in tokens]
         student_h = [hidden_states(student, x) for x in tokens]
@@ -181,7 +181,7 @@ def test_while_layer_i_trains_only_its_target_parameters_change(target):
     student, _ = distill.build_student(teacher, distill.student_config(teacher.config, "relu2"))
     ctx, env = torch.autocast("cpu", enabled=False), env1()
     tokens = [torch.randint(0, 96, (2, 24)) for _ in range(2)]
-    cache = distill.start_cache(teacher, tokens, False, "cpu", ctx)
+    cache = distill.start_cache(teacher, tokens, False, "cpu")
     distill.advance_cache(cache, teacher, student, 1, ctx)
     inputs, targets = distill.layer_io(cache, teacher, student, 1, target, ctx)
     before = {k: v.clone() for k, v in student.state_dict().items()}
