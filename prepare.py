@@ -27,6 +27,10 @@ from datetime import datetime, timezone
 from typing import Optional
 
 import numpy as np
+from tqdm import tqdm
+
+from data import (HEADER_BYTES, HEADER_INTS, MAGIC, MAX_SHARD_TOKENS, VERSION, ShardError, load_shard, read_manifest,
+                  tokenizer_fingerprint, write_shard)
 
 # each worker process tokenizes on one thread: WORKERS processes are the parallelism, and tokenizer threads in
 # every process would fight them for the same cores
@@ -41,7 +45,7 @@ SPLIT = "train"  # hub dataset split to stream (unused for local files)
 TEXT_FIELD = "text"  # the field holding a document's text (.jsonl/.parquet; a .txt is split at blank lines)
 TRAIN_BYTES = 4 * 2**30  # UTF-8 text bytes to tokenize for train (the document that crosses it is kept whole)
 VAL_BYTES = 256 * 2**20  # UTF-8 text bytes to tokenize for val
-SHARD_TOKENS = 100_000_000  # tokens per shard; the last shard of each split holds the rest
+SHARD_TOKENS = 100_000_000  # tokens per shard (at most data.MAX_SHARD_TOKENS); the last shard of a split holds the rest
 VAL_FRACTION = 1 / 16  # share of documents (by hash of their text) that go to val; 1/16 fills both default budgets together
 WORKERS = 0  # tokenizer processes; 0 = one per CPU core
 DOCS_PER_BATCH = 256  # documents per read from the source and per task sent to a worker
@@ -57,7 +61,7 @@ NETWORK_RETRIES = 8  # tries for a hub download or stream read, waiting 1, 2, 4 
 # lower case: fixed by the code, not settable by the config layer
 local_builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 split_names = ("train", "val")  # a document's split is its index in this tuple
-progress_file = "prepare_progress.json"
+progress_file = "prepare_progress.json"  # the resume state, with <split>.partial (see SplitWriter)
 shard_name = re.compile(r"^(train|val)_\d{6}\.bin$")
 temp_name = re.compile(r"^((train|val)_\d{6}\.bin|manifest\.json|prepare_progress\.json)\.tmp\.\d+$")
 
@@ -78,17 +82,22 @@ def default_model_dir(model):
     return os.path.join("models", re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_"))
 
 
+def wait_before_retry(what, failures, error):
+    """After the `failures`-th failure in a row of `what`: wait 1, 2, 4 ... 60 s, or give up at NETWORK_RETRIES."""
+    if failures >= NETWORK_RETRIES:
+        raise PrepareError(f"{what} failed {NETWORK_RETRIES} times; last error: {type(error).__name__}: {error}")
+    wait = min(60, 2**(failures - 1))
+    print(f"{what} failed ({type(error).__name__}: {error}); retrying in {wait} s", flush=True)
+    time.sleep(wait)
+
+
 def with_retries(what, fn):
-    """Call fn(); on a failure wait 1, 2, 4 ... 60 s and try again, NETWORK_RETRIES times in all."""
-    for attempt in range(NETWORK_RETRIES):
+    """Call fn() until it succeeds, NETWORK_RETRIES tries at most."""
+    for failures in itertools.count(1):
         try:
             return fn()
         except Exception as e:  # the hub client raises many kinds (OSError, httpx, HfHubHTTPError)
-            if attempt == NETWORK_RETRIES - 1:
-                raise PrepareError(f"{what} failed {NETWORK_RETRIES} times; last error: {type(e).__name__}: {e}")
-            wait = min(60, 2**attempt)
-            print(f"{what} failed ({type(e).__name__}: {e}); retrying in {wait} s", flush=True)
-            time.sleep(wait)
+            wait_before_retry(what, failures, e)
 
 
 def fetch_model(model, model_dir):
@@ -224,12 +233,10 @@ def read_batches(source, state, first_doc):
         except StopIteration:
             return
         except Exception as e:
-            if source["kind"] != "hub" or failures == NETWORK_RETRIES - 1:
+            if source["kind"] != "hub":  # a local file that fails to read will fail again
                 raise
-            wait = min(60, 2**failures)
             failures += 1
-            print(f"reading {source['dataset']} failed ({type(e).__name__}: {e}); retrying in {wait} s", flush=True)
-            time.sleep(wait)
+            wait_before_retry(f"reading {source['dataset']}", failures, e)
             ds = open_dataset(source, before)
             batches = ds.iter(batch_size=DOCS_PER_BATCH)
             loaded = before
@@ -302,7 +309,7 @@ class SplitWriter:
         self.fill = 0
         self.persisted = 0  # tokens of the buffer already in the .partial file
         self.flushed = False  # the buffer went into a shard since the last checkpoint
-        self.partial_path = os.path.join(out_dir, f"{split}.partial")
+        self.partial_path = partial_path(out_dir, split)
         self.text_bytes, self.documents = counters["text_bytes"], counters["documents"]
         self.shards, self.tokens = counters["shards"], counters["tokens"]
 
@@ -359,15 +366,93 @@ class SplitWriter:
             self.persisted, self.flushed = 0, False
 
 
+def partial_path(out_dir, split):
+    return os.path.join(out_dir, f"{split}.partial")
+
+
 def save_progress(out_dir, progress, writers):
     """The checkpoint: unfinished tokens first, then the progress file (atomic), then drop what it replaced."""
     for writer in writers:
         writer.persist()
         progress["splits"][writer.split] = writer.counters()
-    atomic_write_text(json.dumps(progress, indent=1) + "\n", os.path.join(out_dir, progress_file))
+    write_json(progress, os.path.join(out_dir, progress_file), indent=1)
     for writer in writers:
         writer.trim()
 
+
+def remove_progress_files(out_dir):
+    """Delete the resume state: the progress file and every split's unfinished-shard tokens."""
+    for path in [os.path.join(out_dir, progress_file)] + [partial_path(out_dir, s) for s in split_names]:
+        if os.path.exists(path):
+            os.remove(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The document loop: tokenized batches in source order, each document into its split's shards
+
+def tokenize_in_order(pool, batches, writers, resume_doc, separator_id, in_flight):
+    """Keep `in_flight` batches tokenizing in the pool; yield (source state, first doc index, texts, tokenized)
+    in source order until every split is full or the source ends.
+
+    Documents of a full split are not tokenized, except in the first batch of a resume: it may hold the document
+    that the last shard cut, which still has tokens to write.
+    """
+    pending = deque()  # (source state, first doc index, texts, async result), in source order
+    while not all(w.full() for w in writers):
+        for before, first_doc, texts in itertools.islice(batches, in_flight - len(pending)):
+            open_splits = [not w.full() or first_doc <= resume_doc for w in writers]
+            pending.append((before, first_doc, texts, pool.apply_async(
+                tokenize_batch, (texts, first_doc, separator_id, VAL_FRACTION, open_splits))))
+        if not pending:
+            return
+        before, first_doc, texts, result = pending.popleft()
+        yield before, first_doc, texts, result.get()
+
+
+def text_sha256(text):
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_resumed_document(doc, text, resume, source):
+    """The document the last checkpoint recorded must be the same text now, or the source changed under us."""
+    if doc == resume["check_doc"] and text_sha256(text) != resume["check_sha256"]:
+        raise PrepareError(f"resuming: document #{doc} of {source_name(source)} is not the one the interrupted "
+                           f"run saw; the source changed, use --force to start over")
+
+
+def consume_document(writer, doc, text_bytes, doc_tokens, resume, bar):
+    """Count one document against its split's budget and append its tokens, cutting a shard each time the buffer
+    fills; yields (shard record, tokens of the document written so far) after each cut, so that the caller
+    checkpoints before any more tokens go into the buffer.
+
+    On a resume, documents before resume["doc"] are already in the kept shards, and resume["doc"] itself
+    continues at token resume["skip_tokens"] (when that is > 0 its bytes were counted before the checkpoint).
+    """
+    if doc < resume["doc"] or text_bytes == 0:
+        return
+    done = resume["skip_tokens"] if doc == resume["doc"] else 0
+    if done == 0:
+        if writer.full():
+            return
+        writer.text_bytes += text_bytes
+        writer.documents += 1
+        bar.update(text_bytes)
+    while done < len(doc_tokens):
+        done += writer.add(doc_tokens[done:])
+        if writer.fill == len(writer.buffer):
+            yield writer.flush(), done
+
+
+def resume_position(before, first_doc, doc, text, done, doc_len):
+    """Where a rerun continues after a checkpoint taken with `done` of document #doc's tokens written: at the
+    batch holding it (its source state `before`), then at the cut inside it or at the next document."""
+    cut = done < doc_len
+    return {"source_state": before, "batch_first_doc": first_doc, "doc": doc if cut else doc + 1,
+            "skip_tokens": done if cut else 0, "check_doc": doc, "check_sha256": text_sha256(text)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Verification
 
 def file_sha256(path):
     digest = hashlib.sha256()
@@ -418,9 +503,9 @@ def verify(data_dir):
 
 def remove_outputs(out_dir):
     """Delete what prepare.py writes in out_dir (and nothing else)."""
+    remove_progress_files(out_dir)
     for name in os.listdir(out_dir):
-        if shard_name.match(name) or temp_name.match(name) or name in ("manifest.json", progress_file, "train.partial",
-                                                                        "val.partial"):
+        if shard_name.match(name) or temp_name.match(name) or name == "manifest.json":
             os.remove(os.path.join(out_dir, name))
 
 
@@ -436,8 +521,12 @@ def differences(old, new, prefix=""):
     return lines
 
 
-def write_json(obj, path):
-    atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
+def write_json(obj, path, indent=2):
+    # imported here, not at the top: common.py imports torch, and every tokenizer worker re-imports this file
+    # (spawn), where torch would cost ~1.5 s and ~150 MB of memory per worker for nothing
+    from common import atomic_write_text
+
+    atomic_write_text(json.dumps(obj, indent=indent) + "\n", path)
 
 
 def now():
@@ -447,15 +536,11 @@ def now():
 # ----------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    # imported here because the config layer and data.py import torch, and the worker processes, which import
-    # this file, need neither
-    from tqdm import tqdm
-
-    from common import atomic_write_text, configure
+    # imported here, like common in write_json: the tokenizer workers re-import this file and need no torch
+    from common import configure
 
     default_out_dir = OUT_DIR
     config = configure(globals())
-    from data import HEADER_BYTES, VERSION, ShardError, load_shard, read_manifest, tokenizer_fingerprint, write_shard
     if VERIFY:
         sys.exit(verify(VERIFY))
     if SMOKE_TEST:
@@ -463,8 +548,8 @@ if __name__ == "__main__":
         OUT_DIR = OUT_DIR + "_smoke" if OUT_DIR == default_out_dir else OUT_DIR
         print(f"smoke test: train {TRAIN_BYTES} bytes, val {VAL_BYTES} bytes, {SHARD_TOKENS} tokens per shard, "
               f"into {OUT_DIR}")
-    if not 0 < SHARD_TOKENS < 2**31 or TRAIN_BYTES <= 0 or VAL_BYTES <= 0 or not 0 < VAL_FRACTION < 1:
-        raise PrepareError(f"expected 0 < shard_tokens < 2**31, positive byte budgets and 0 < val_fraction < 1; "
+    if not 0 < SHARD_TOKENS <= MAX_SHARD_TOKENS or TRAIN_BYTES <= 0 or VAL_BYTES <= 0 or not 0 < VAL_FRACTION < 1:
+        raise PrepareError(f"expected 0 < shard_tokens <= {MAX_SHARD_TOKENS}, positive byte budgets and 0 < val_fraction < 1; "
                            f"got shard_tokens={SHARD_TOKENS}, train_bytes={TRAIN_BYTES}, val_bytes={VAL_BYTES}, "
                            f"val_fraction={VAL_FRACTION}")
     workers = WORKERS or os.cpu_count() or 1
@@ -489,9 +574,7 @@ if __name__ == "__main__":
             raise PrepareError(f"'{OUT_DIR}' already holds a finished prepare with other settings:\n  "
                                + "\n  ".join(differences(manifest.get("identity", {}), identity))
                                + "\nuse --force to replace it, or another --out-dir")
-        for name in (progress_file, "train.partial", "val.partial"):  # left if a run died right after the manifest
-            if os.path.exists(os.path.join(OUT_DIR, name)):
-                os.remove(os.path.join(OUT_DIR, name))
+        remove_progress_files(OUT_DIR)  # left if a run died right after writing the manifest
         totals = manifest["totals"]
         print(f"'{OUT_DIR}' is already prepared ({manifest['created']}): "
               + ", ".join(f"{s} {totals[s]['shards']} shards / {totals[s]['tokens']:,} tokens" for s in split_names)
@@ -542,68 +625,34 @@ if __name__ == "__main__":
                            f"more for shards; free space or lower --train-bytes/--val-bytes")
 
     # tokenize: the main process reads documents in order and fills the shards, the workers tokenize
-    position = progress["position"]
-    resume_doc, resume_skip = position["doc"], position["skip_tokens"]
+    resume = progress["position"]  # where the interrupted run's last checkpoint was (the start when fresh)
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(tokenizer_json,))
-    batches = read_batches(source, position["source_state"], position["batch_first_doc"])
+    batches = read_batches(source, resume["source_state"], resume["batch_first_doc"])
     first_batch = next(batches, None)  # opens the source (while the workers start): set-up, not throughput
     batches = itertools.chain([first_batch] if first_batch is not None else [], batches)
-    pending = deque()  # (source state, first doc index, texts, async result), in source order
     bar = tqdm(total=TRAIN_BYTES + VAL_BYTES, initial=done_bytes, unit="B", unit_scale=True, desc="tokenizing",
                smoothing=0.05)
-    start_time, exhausted, documents_seen = time.time(), False, resume_doc
+    start_time, documents_seen = time.time(), resume["doc"]
     try:
-        while not all(w.full() for w in writers):
-            while not exhausted and len(pending) < 2 * workers + 2:
-                batch = next(batches, None)
-                if batch is None:
-                    exhausted = True
-                    break
-                before, first_doc, texts = batch
-                # the first batch after a resume may hold the document cut by the last shard: tokenize it anyway
-                open_splits = [not w.full() or first_doc <= resume_doc for w in writers]
-                pending.append((before, first_doc, texts, pool.apply_async(
-                    tokenize_batch, (texts, first_doc, tokenizer_info["separator_id"], VAL_FRACTION, open_splits))))
-            if not pending:
-                break
-            before, first_doc, texts, result = pending.popleft()
-            splits, text_bytes, counts, tokens = result.get()
-            ends = np.cumsum(counts)
+        for before, first_doc, texts, (splits, text_bytes, counts, tokens) in tokenize_in_order(
+                pool, batches, writers, resume["doc"], tokenizer_info["separator_id"], in_flight=2 * workers + 2):
             documents_seen = first_doc + len(texts)
-            for i in range(len(texts)):
+            for i, (text, doc_tokens) in enumerate(zip(texts, np.split(tokens, np.cumsum(counts)[:-1]))):
                 doc = first_doc + i
-                if doc == position["check_doc"]:
-                    if hashlib.sha256(texts[i].encode("utf-8")).hexdigest() != position["check_sha256"]:
-                        raise PrepareError(f"resuming: document #{doc} of {source_name(source)} is not the one the "
-                                           f"interrupted run saw; the source changed, use --force to start over")
-                if doc < resume_doc or text_bytes[i] == 0:
-                    continue
-                writer = writers[splits[i]]
-                skip = resume_skip if doc == resume_doc else 0
-                if skip == 0:  # a document cut by the last checkpoint was counted before it
-                    if writer.full():
-                        continue
-                    writer.text_bytes += int(text_bytes[i])
-                    writer.documents += 1
-                    bar.update(int(text_bytes[i]))
-                doc_tokens = tokens[ends[i] - counts[i]:ends[i]]
-                while skip < len(doc_tokens):
-                    skip += writer.add(doc_tokens[skip:])
-                    if writer.fill == len(writer.buffer):
-                        progress["shards"].append(writer.flush())
-                        cut = skip < len(doc_tokens)
-                        progress["position"] = {
-                            "source_state": before, "batch_first_doc": first_doc, "doc": doc if cut else doc + 1,
-                            "skip_tokens": skip if cut else 0, "check_doc": doc,
-                            "check_sha256": hashlib.sha256(texts[i].encode("utf-8")).hexdigest()}
-                        save_progress(OUT_DIR, progress, writers)
-            resume_skip = 0
+                check_resumed_document(doc, text, resume, source)
+                # after each shard: save where we are, so that a rerun continues right here
+                for shard, done in consume_document(writers[splits[i]], doc, int(text_bytes[i]), doc_tokens, resume,
+                                                    bar):
+                    progress["shards"].append(shard)
+                    progress["position"] = resume_position(before, first_doc, doc, text, done, len(doc_tokens))
+                    save_progress(OUT_DIR, progress, writers)
     except KeyboardInterrupt:
         pool.terminate()
         raise PrepareError(f"interrupted; {len(progress['shards'])} completed shards are kept in '{OUT_DIR}': "
                            f"rerun the same command to continue")
     pool.terminate()
     bar.close()
+    ran_out = not all(w.full() for w in writers)  # the loop ends early only when the source does
 
     # the last, shorter shard of each split, then the manifest, written last as the mark of completion
     for writer in writers:
@@ -614,11 +663,11 @@ if __name__ == "__main__":
             progress["shards"].append(writer.flush())
     seconds = time.time() - start_time
     new_bytes = sum(w.text_bytes for w in writers) - done_bytes
-    if exhausted and not all(w.full() for w in writers):
+    if ran_out:
         print(f"note: {source_name(source)} ran out after {documents_seen} documents, before the budgets were met "
               f"(train {writers[0].text_bytes}/{TRAIN_BYTES}, val {writers[1].text_bytes}/{VAL_BYTES} bytes)")
     manifest = {
-        "format": {"magic": 20240520, "version": VERSION, "header_ints": 256, "dtype": "uint16"},
+        "format": {"magic": MAGIC, "version": VERSION, "header_ints": HEADER_INTS, "dtype": "uint16"},
         "created": now(),
         "tokenizer": tokenizer_info,
         "source": source,
@@ -630,15 +679,13 @@ if __name__ == "__main__":
                              "documents": w.documents,
                              "bytes": sum(r["bytes"] for r in progress["shards"] if r["split"] == w.split)}
                    for w in writers},
-        "source_exhausted": bool(exhausted and not all(w.full() for w in writers)),
+        "source_exhausted": ran_out,
         "shards": sorted(progress["shards"], key=lambda r: (r["split"] != "train", r["file"])),
         "stats": {"seconds": round(seconds, 3), "text_bytes_this_run": new_bytes,
                   "text_mb_per_s": round(new_bytes / 1e6 / max(seconds, 1e-9), 3), "resumed": done_bytes > 0},
     }
     write_json(manifest, manifest_path)
-    for name in (progress_file, "train.partial", "val.partial"):
-        if os.path.exists(os.path.join(OUT_DIR, name)):
-            os.remove(os.path.join(OUT_DIR, name))
+    remove_progress_files(OUT_DIR)
     totals = manifest["totals"]
     print(f"wrote {OUT_DIR}: " + ", ".join(f"{s} {totals[s]['shards']} shards / {totals[s]['tokens']:,} tokens / "
                                            f"{totals[s]['documents']:,} documents" for s in split_names))

@@ -132,23 +132,57 @@ def test_rerun_of_a_finished_prepare_does_nothing_and_says_so(bpe_tokenizer_dir,
     assert read_manifest(out)["options"]["shard_tokens"] == 3000
 
 
-def test_verify_catches_a_flipped_byte_and_a_missing_shard(bpe_tokenizer_dir, tmp_path):
+def test_verify_catches_a_flipped_byte_and_a_missing_shard(bpe_tokenizer_dir, tmp_path, capsys):
+    import prepare as prepare_module  # verify works in-process too, not only as `prepare.py --verify`
+
     data = write_jsonl(tmp_path / "docs.jsonl", english_like_documents(200, seed=9))
     out = str(tmp_path / "out")
     prepare(bpe_tokenizer_dir, data, out, "--shard-tokens", 2000)
-    assert "match manifest.json" in run_script("prepare.py", "--verify", out).stdout
+    assert prepare_module.verify(out) == 0
+    assert "match manifest.json" in capsys.readouterr().out
     victim = os.path.join(out, "train_000001.bin")
     with open(victim, "r+b") as f:
         f.seek(2000)
         byte = f.read(1)
         f.seek(2000)
         f.write(bytes([byte[0] ^ 0x01]))
-    proc = run_script("prepare.py", "--verify", out, check=False)
-    assert proc.returncode == 1
-    assert f"MISMATCH {victim}: sha256" in proc.stdout and "1 of" in proc.stdout
+    assert prepare_module.verify(out) == 1
+    printed = capsys.readouterr().out
+    assert f"MISMATCH {victim}: sha256" in printed and "1 of" in printed
     os.remove(os.path.join(out, "val_000000.bin"))
     proc = run_script("prepare.py", "--verify", out, check=False)
     assert proc.returncode == 1 and "val_000000.bin: missing" in proc.stdout and "2 of" in proc.stdout
+
+
+def test_network_retries_back_off_then_give_up_naming_the_last_error(monkeypatch, capsys):
+    import prepare as prepare_module
+
+    waits = []
+    monkeypatch.setattr(prepare_module.time, "sleep", waits.append)
+    failures = iter([OSError("reset"), TimeoutError("slow")])
+
+    def flaky():
+        error = next(failures, None)
+        if error:
+            raise error
+        return "ok"
+
+    assert prepare_module.with_retries("downloading x", flaky) == "ok"
+    assert waits == [1, 2] and "downloading x failed (TimeoutError: slow); retrying in 2 s" in capsys.readouterr().out
+    def down():
+        raise OSError("down")
+
+    waits.clear()
+    with pytest.raises(SystemExit, match="downloading x failed 8 times; last error: OSError: down"):
+        prepare_module.with_retries("downloading x", down)
+    assert waits == [1, 2, 4, 8, 16, 32, 60]  # NETWORK_RETRIES = 8 tries, 7 waits, capped at 60 s
+
+
+def test_importing_prepare_does_not_import_torch():
+    # every tokenizer worker process re-imports prepare.py (spawn); torch would cost each ~1.5 s and ~150 MB
+    code = "import sys, prepare; assert 'torch' not in sys.modules, 'importing prepare.py imported torch'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_prepare_refuses_a_text_field_that_does_not_exist(bpe_tokenizer_dir, tmp_path):
