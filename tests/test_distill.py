@@ -364,6 +364,33 @@ def test_phase2_resumes_after_a_crash_with_the_same_weights_as_an_uninterrupted_
     assert phase2 == list(range(1, 11))  # the records of the lost steps 5-6 were dropped and redone
 
 
+def test_resuming_phase1_with_a_changed_setting_names_it(teacher_dir, data_dir, tmp_path):
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    with open(os.path.join(run, "metrics.jsonl"), "w") as f:  # left by a run that crashed before a checkpoint
+        f.write(json.dumps({"phase": 1, "step": 99, "loss": 1.0}) + "\n")
+    args = distill_args(teacher_dir, data_dir, run, "--phases", "1", "--steps-per-layer", "2", "--layers", "[0, 1]")
+    run_here(*args)
+    assert not any(r["step"] == 99 for r in records(run))  # a fresh start does not append to stale records
+    for suffix in (".pt", ".json"):  # as if the run had crashed after layer 1's checkpoint
+        os.remove(os.path.join(run, "final" + suffix))
+    with pytest.raises(SystemExit, match=r"settings changed since it was saved \(lr_layer: 0.001 -> 0.005\)"):
+        run_here(*args, "--resume", "--lr-layer", "5e-3")
+    run_here(*args, "--resume", "--log-every", "7")  # a setting that does not change the result may change
+    assert os.path.exists(os.path.join(run, "final.pt"))
+
+
+def test_cached_teacher_val_states_give_the_same_eval_as_running_the_teacher():
+    teacher, student = tiny_gpt(0), tiny_gpt(1)
+    torch.manual_seed(2)
+    batches = [(torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))) for _ in range(3)]
+    ctx = distill.common.autocast("cpu", torch.float32)
+    cached = distill.teacher_val_hidden(teacher, batches, ctx)
+    a = distill.evaluate_student(student, batches, env1(), ctx, 10, teacher, cached)
+    b = distill.evaluate_student(student, batches, env1(), ctx, 10, teacher)
+    assert a == b and set(a) == {"val_ce", "val_ppl", "teacher_ce", "kl", "top1_agree"} and a["kl"] > 0
+
+
 def test_ce_only_run_loads_no_teacher_and_resumes_with_kd_logging_the_switch(teacher_dir, data_dir, tmp_path,
                                                                               capsys):
     run = str(tmp_path / "run")
@@ -381,19 +408,30 @@ def test_ce_only_run_loads_no_teacher_and_resumes_with_kd_logging_the_switch(tea
     assert [r["kd"] is None for r in steps] == [True] * 5 + [False] * 5
 
 
-def test_two_process_torchrun_runs_both_phases_with_gloo(teacher_dir, data_dir, tmp_path):
-    run = str(tmp_path / "run")
+def test_two_torchrun_processes_train_the_same_weights_as_one_process_with_twice_the_batch(teacher_dir, data_dir,
+                                                                                              tmp_path):
+    """Loader windows are B*T tokens apart and rank r takes windows r, r+W, ...: ranks 0 and 1 with batch B read
+    rows 0..B-1 and B..2B-1 of the window one process with batch 2B reads. Their mean losses average to its
+    mean loss and DDP / the phase-1 all-reduce average the gradients, so only float rounding may differ."""
+    args = ["--steps-per-layer", "6", "--max-steps", "4", "--checkpoint-every", "4", "--num-batches", "2",
+            "--top-k", "8", "--grad-clip", "0.5"]
+    one = str(tmp_path / "one")
+    run_here(*distill_args(teacher_dir, data_dir, one, *args, "--batch-size", "8"))
+    two = str(tmp_path / "two")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "distill.py"),
-           *distill_args(teacher_dir, data_dir, run, "--steps-per-layer", "6", "--max-steps", "4",
-                         "--checkpoint-every", "4", "--num-batches", "2", "--top-k", "8")]
+           os.path.join(REPO, "distill.py"), *distill_args(teacher_dir, data_dir, two, *args, "--batch-size", "4")]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert os.path.exists(os.path.join(run, "final.pt")) and os.path.exists(os.path.join(run, "step_000004.pt"))
-    assert json.load(open(os.path.join(run, "step_000004.json")))["world_size"] == 2
+    assert json.load(open(os.path.join(two, "step_000004.json")))["world_size"] == 2
+    for name in ("final.pt", "step_000004.pt"):
+        a, b = (torch.load(os.path.join(run, name), weights_only=True)["model"] for run in (one, two))
+        moved = torch.load(os.path.join(one, "layer_000.pt"), weights_only=True)["model"]
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
+        assert any(not torch.equal(moved[k], a[k]) for k in a)  # the comparison covers trained weights
 
 
-def test_bad_input_is_refused_before_any_work(teacher_dir, data_dir, tmp_path, bpe_tokenizer_dir):
+def test_bad_input_is_refused_before_any_work(teacher_dir, data_dir, tmp_path, bpe_tokenizer_dir, monkeypatch):
     def fails(*extra, data=data_dir):
         run = str(tmp_path / "run")
         with pytest.raises(SystemExit) as error:
@@ -403,7 +441,9 @@ def test_bad_input_is_refused_before_any_work(teacher_dir, data_dir, tmp_path, b
 
     assert "layer(s) [3] out of range" in fails("--layers", "[0, 3]")
     assert "expected increasing layer indices" in fails("--layers", "[2, 0]")
-    message = fails("--num-batches", "100000000")
+    with monkeypatch.context() as m:  # the cache size is arithmetic: refused before any model is loaded
+        m.setattr(distill.common, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+        message = fails("--num-batches", "100000000")
     assert "the phase-1 cache needs" in message and "GiB of host memory" in message
     # a student whose width does not line up with the teacher's
     wide = make_tiny_llama(tmp_path / "wide", bpe_tokenizer_dir, hidden_size=96)
