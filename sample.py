@@ -73,23 +73,34 @@ def next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, gene
     return torch.multinomial(probs, 1, generator=generator)
 
 
-@torch.inference_mode()
 def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
              eos_ids=(), generator=None, dtype=None):
-    """Yield new token ids (ints) for one prompt (a list of ids), stopping after an EOS id (which is yielded)
-    or after max_new_tokens. The prompt is prefilled into the KV cache in one forward; then one token per call."""
-    device = model.embed.weight.device
-    dtype = dtype or model.embed.weight.dtype
+    """An iterator of new token ids (ints) for one prompt (a list of ids), stopping after an EOS id (which is
+    yielded) or after max_new_tokens, or where the model's context ends. The prompt is prefilled into the KV
+    cache in one forward; then one token per call.
+
+    Raises ValueError right here, before any token, for a sampling argument out of range or a prompt that is
+    empty or does not fit the model's context.
+    """
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     limit = model.config.max_seq_len
     if len(prompt_ids) == 0:
         raise ValueError("the prompt is empty (0 tokens); generation needs at least one token to condition on")
     if len(prompt_ids) >= limit:
-        raise ValueError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {limit} "
-                         f"(max_seq_len); shorten the prompt to at most {limit - 1} tokens")
+        raise ValueError(f"the prompt is {len(prompt_ids)} tokens but the model's context (max_seq_len) is "
+                         f"{limit}; shorten it to at most {limit - 1} tokens")
     max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
+    return decode_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_ids,
+                         generator, dtype or model.embed.weight.dtype)
+
+
+@torch.inference_mode()
+def decode_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_ids,
+                  generator, dtype):
+    """generate's loop, for arguments it has checked."""
     if max_new_tokens <= 0:
         return
+    device = model.embed.weight.device
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens, device, dtype)
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     seen = None
@@ -217,10 +228,6 @@ def main():
     if MODEL is None:
         raise SystemExit("usage: python sample.py MODEL [--prompt TEXT | --prompt-file F | stdin] [--chat] ...; "
                          "MODEL is a checkpoint .pt, a run dir, an HF model dir, a hub id or a .gguf file")
-    try:
-        check_sampling_args(TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY)
-    except ValueError as e:
-        raise SystemExit(f"sample.py: {e}")
     if NUM_SAMPLES < 1 or MAX_NEW_TOKENS < 1:
         raise SystemExit(f"num_samples = {NUM_SAMPLES}, max_new_tokens = {MAX_NEW_TOKENS}; both must be >= 1")
     if THREADS < 0:
@@ -243,24 +250,25 @@ def main():
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     prompt_ids = format_prompt(tokenizer, prompt, CHAT, TEMPLATE, tok_source)
-    if len(prompt_ids) >= model.config.max_seq_len:
-        raise SystemExit(f"the prompt is {len(prompt_ids)} tokens but the model's context (max_seq_len) is "
-                         f"{model.config.max_seq_len}; shorten it to at most {model.config.max_seq_len - 1} tokens")
-    room = model.config.max_seq_len - len(prompt_ids)
-    if MAX_NEW_TOKENS > room:
-        print(f"note: generating at most {room} tokens, where the model's context of "
-              f"{model.config.max_seq_len} ends", file=sys.stderr)
     eos_ids = eos_token_ids(tokenizer, [MODEL] if checkpoint is None else [tok_source])
     generator = torch.Generator(device=env.device).manual_seed(SEED)
+    room = model.config.max_seq_len - len(prompt_ids)  # generate stops where the model's context ends
 
     for i in range(NUM_SAMPLES):
+        try:  # generate checks the sampling arguments and the prompt's length when called, before any output
+            tokens = generate(model, prompt_ids, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY,
+                              eos_ids, generator, dtype)
+        except ValueError as e:
+            raise SystemExit(f"sample.py: {e}")
+        if i == 0 and MAX_NEW_TOKENS > room:  # said once, and only for a prompt that generate accepted
+            print(f"note: generating at most {room} tokens, where the model's context of "
+                  f"{model.config.max_seq_len} ends", file=sys.stderr)
         if NUM_SAMPLES > 1:
             print(f"---------- sample {i + 1}/{NUM_SAMPLES}", flush=True)
         stream = TextStream(tokenizer, sys.stdout)
         n, start = 0, time.perf_counter()
         first = None
-        for token in generate(model, prompt_ids, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY,
-                              eos_ids, generator, dtype):
+        for token in tokens:
             if first is None:
                 first = time.perf_counter()
             n += 1

@@ -8,7 +8,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from common import save_checkpoint
+from common import load_model, load_tokenizer, save_checkpoint, tokenizer_source
 from conftest import make_tiny_llama, run_script
 from model import GPT, GPTConfig
 from sample import TextStream, eos_token_ids, format_prompt, generate, next_token
@@ -112,12 +112,24 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_s
                                             (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k")])
 def test_bad_sampling_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        list(generate(tiny_gpt(), [1, 2], 3, **kwargs))
+        generate(tiny_gpt(), [1, 2], 3, **kwargs)  # refused at the call, before any token is asked for
 
 
 def test_prompt_longer_than_the_context_is_refused():
-    with pytest.raises(ValueError, match="context is 20"):
-        list(generate(tiny_gpt(max_seq_len=20), list(range(25)), 3))
+    with pytest.raises(ValueError, match=r"context \(max_seq_len\) is 20"):
+        generate(tiny_gpt(max_seq_len=20), list(range(25)), 3)
+
+
+def test_repetition_penalty_marks_prompt_and_generated_tokens_as_seen():
+    model = tiny_gpt(seed=0)
+    prompt = [5, 17, 3, 88, 42, 7]
+    plain = list(generate(model, prompt, 30))
+    # without the penalty this model repeats itself and echoes the prompt, so the checks below can fail
+    assert len(set(plain)) < len(plain) and set(plain) & set(prompt)
+    penalised = list(generate(model, prompt, 30, repetition_penalty=1e6))
+    assert len(penalised) == 30
+    assert len(set(penalised)) == len(penalised), "a generated token came back despite the huge penalty"
+    assert not set(penalised) & set(prompt), "a prompt token came back: the prompt must count as seen"
 
 
 def test_streamed_text_equals_decoding_everything_including_multibyte_characters(bpe_tokenizer_dir):
@@ -165,8 +177,9 @@ def test_chat_and_instruct_templates(tmp_path, bpe_tokenizer_dir):
 # ----------------------------------------------------------------------------------------------------------
 # The script, as a user runs it
 
-def test_script_same_seed_same_text_from_a_student_checkpoint(tmp_path, bpe_tokenizer_dir):
-    """A distill-style student (relu2 MLPs, sliding windows) saved as our checkpoint samples reproducibly."""
+def test_script_prints_what_generate_draws_with_the_same_seed_from_a_student_checkpoint(tmp_path, bpe_tokenizer_dir):
+    """A distill-style student (relu2 MLPs, sliding windows) saved as our checkpoint: the script's text is what
+    generate draws in-process from the same seed, so it is reproducible, and samples differ from each other."""
     config = GPTConfig(vocab_size=512, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, head_dim=16, mlp_hidden=96,
                        max_seq_len=256, mlp_kind=["relu2", "swiglu", "relu2"], window=[8, None, 8])
     torch.manual_seed(0)
@@ -174,13 +187,26 @@ def test_script_same_seed_same_text_from_a_student_checkpoint(tmp_path, bpe_toke
     path = str(tmp_path / "final.pt")
     save_checkpoint(path, {"model": model.state_dict(), "model_config": asdict(config), "config": {}, "step": 0,
                            "tokenizer": bpe_tokenizer_dir})
-    args = (path, "--prompt", "The river", "--max-new-tokens", "40", "--temperature", "1.0", "--top-k", "50",
-            "--seed", "3", "--num-samples", "2")
-    a, b = run_script("sample.py", *args), run_script("sample.py", *args)
-    assert a.stdout == b.stdout  # stdout holds only the generated text
-    first, second = a.stdout.split("---------- sample 2/2\n")
-    assert len(first.strip()) > 20 and first.replace("---------- sample 1/2\n", "") != second
-    assert "tokens/s" in a.stderr and "decode" in a.stderr
+    proc = run_script("sample.py", path, "--prompt", "The river", "--max-new-tokens", "40", "--temperature", "1.0",
+                      "--top-k", "50", "--seed", "3", "--num-samples", "2")
+
+    loaded, checkpoint = load_model(path)
+    tokenizer = load_tokenizer(tokenizer_source(path, checkpoint))
+    prompt_ids = format_prompt(tokenizer, "The river", False, None, bpe_tokenizer_dir)
+    eos_ids = eos_token_ids(tokenizer, [bpe_tokenizer_dir])
+    gen = torch.Generator().manual_seed(3)
+    expected, texts = io.StringIO(), []
+    for i in (1, 2):
+        expected.write(f"---------- sample {i}/2\n")
+        stream, start = TextStream(tokenizer, expected), expected.tell()
+        for token in generate(loaded.eval(), prompt_ids, 40, 1.0, 50, 1.0, 1.0, eos_ids, gen):
+            if token not in eos_ids:
+                stream.put(token)
+        stream.end()
+        texts.append(expected.getvalue()[start:])
+    assert proc.stdout == expected.getvalue()  # stdout holds only the generated text
+    assert len(texts[0].strip()) > 20 and texts[0] != texts[1]
+    assert "tokens/s" in proc.stderr and "decode" in proc.stderr
 
 
 def test_script_errors_name_the_problem(tmp_path, tiny_llama_dir):
