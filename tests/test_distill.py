@@ -362,6 +362,7 @@ def test_phase2_resumes_after_a_crash_with_the_same_weights_as_an_uninterrupted_
     assert a["loader"] == b["loader"]
     phase2 = [r["step"] for r in records(str(tmp_path / "resumed")) if r["phase"] == 2 and "loss" in r]
     assert phase2 == list(range(1, 11))  # the records of the lost steps 5-6 were dropped and redone
+    assert all(r["epoch"] == 0 for r in records(str(tmp_path / "resumed")) if r["phase"] == 2 and "loss" in r)
 
 
 def test_resuming_phase1_with_a_changed_setting_names_it(teacher_dir, data_dir, tmp_path):

@@ -144,6 +144,21 @@ def test_target_tokens_sets_max_steps_and_cosine_schedule_runs(tmp_path, shards,
     assert lrs == pytest.approx([1.5e-3, 3e-3, 3e-3, 1.5e-3])
 
 
+def test_the_train_stream_wraps_and_each_step_logs_its_epoch(tmp_path, shards, bpe_tokenizer_dir):
+    config = write_config(tmp_path / "tiny.yaml", batch_size=16, grad_accum=8, max_steps=7, eval_every=0,
+                          eval_tokens=16 * 32 + 1, checkpoint_every=0)
+    run_dir = tmp_path / "run"
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", run_dir)
+    steps, _ = metrics(run_dir)
+    total = torch.load(run_dir / "step_000007.pt", weights_only=True)["loader"]["total_tokens"]
+    per_step = 16 * 32 * 8
+    assert 7 * per_step > total  # the run reads past the end of the stream
+    assert [steps[s]["epoch"] for s in range(1, 8)] == [s * per_step // total for s in range(1, 8)]
+    wrap = next(s for s in range(1, 8) if s * per_step >= total)
+    assert f"step {wrap}: the train stream wrapped around; epoch 1 begins" in proc.stdout
+    assert f"step {wrap} | epoch 1 | loss" in proc.stdout
+
+
 def test_two_torchrun_processes_match_one_process_at_the_same_global_batch(tmp_path, shards, bpe_tokenizer_dir,
                                                                           straight_run):
     """1 process x grad_accum 2 (the straight run) and 2 gloo processes x grad_accum 1 see the same tokens."""
