@@ -46,6 +46,19 @@ for line in open(sys.argv[1]):
 PYEOF
 }
 
+install_cpu_torch() {
+    # A CPU wheel that pip resolves locally (a find-links dir) wins; otherwise PyTorch's CPU index. Plain PyPI
+    # would pull the multi-GB CUDA stack onto a machine that cannot use it.
+    if "${PIP[@]}" install --dry-run --no-index --no-deps -q "torch==$TORCH_VERSION" >/dev/null 2>&1; then
+        echo "no GPU: installing the locally provided CPU wheel of torch==$TORCH_VERSION"
+        "${PIP[@]}" install "torch==$TORCH_VERSION"
+    else
+        echo "no GPU: installing torch==$TORCH_VERSION from PyTorch's CPU index"
+        "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
+            --extra-index-url https://pypi.org/simple
+    fi
+}
+
 setup_main() {
     make_venv
     if torch_is_right; then

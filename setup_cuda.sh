@@ -53,13 +53,8 @@ install_torch() {
         echo "NVIDIA GPU found: installing torch==$TORCH_VERSION ($CUDA_TAG)"
         "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url "https://download.pytorch.org/whl/$CUDA_TAG" \
             --extra-index-url https://pypi.org/simple
-    elif "${PIP[@]}" install --dry-run --no-index --no-deps -q "torch==$TORCH_VERSION" >/dev/null 2>&1; then
-        echo "no GPU: installing the locally provided CPU wheel of torch==$TORCH_VERSION"
-        "${PIP[@]}" install "torch==$TORCH_VERSION"
     else
-        echo "no GPU: installing torch==$TORCH_VERSION from PyTorch's CPU index"
-        "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
-            --extra-index-url https://pypi.org/simple
+        install_cpu_torch
     fi
 }
 
