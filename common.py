@@ -623,8 +623,9 @@ def restore_training_state(checkpoint, optimizer, loader, source, hint, betas, w
     return int(checkpoint["step"])
 
 
-def stop_non_finite(what, latest, env):
+def stop_non_finite(what, run_dir, env):
     """End the run (every rank) on a NaN/inf, saving nothing: the last good checkpoint stays the latest."""
+    latest = newest_run_checkpoint(run_dir)
     if env.ddp and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     raise SystemExit(f"stopping: {what}. Nothing was saved for this step; the latest good checkpoint is "
@@ -640,7 +641,7 @@ def micro_batches(model, loader, grad_accum, env):
         yield x, y, model.no_sync() if env.ddp and micro < grad_accum - 1 else contextlib.nullcontext()
 
 
-def clip_and_step(optimizer, params, grad_clip, losses, env, latest, step):
+def clip_and_step(optimizer, params, grad_clip, losses, env, run_dir, step):
     """Finish optimizer step `step` (0-based): clip the gradients (0 = only measure their norm), average
     `losses` (this rank's mean losses, a 1-d tensor) over ranks, stop on a non-finite loss or norm before the
     weights change, then step. Returns (the losses as floats, the grad norm)."""
@@ -651,18 +652,18 @@ def clip_and_step(optimizer, params, grad_clip, losses, env, latest, step):
     *values, norm = torch.cat([losses.float(), grad_norm.float().view(1)]).tolist()
     if not (all(math.isfinite(v) for v in values) and math.isfinite(norm)):
         stop_non_finite(f"non-finite loss {values[0]} / grad norm {norm} at step {step + 1}; the optimizer step "
-                        f"was not taken", latest, env)
+                        f"was not taken", run_dir, env)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return values, norm
 
 
-def save_run_checkpoint(path, model, entries, env, latest, keep=0, prefix=None):
+def save_run_checkpoint(path, model, entries, env, keep=0, prefix=None):
     """Rank 0 saves {"model": weights, **entries} (entries holds "step") and keeps the newest `keep` of
     `prefix`. Every rank checks the weights first, so a diverged model never becomes the latest checkpoint."""
     finite = torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all()
     if not finite:
-        stop_non_finite(f"the weights hold NaN/inf after step {entries['step']}", latest, env)
+        stop_non_finite(f"the weights hold NaN/inf after step {entries['step']}", os.path.dirname(path), env)
     if env.is_master:
         save_checkpoint(path, {"model": model.state_dict(), **entries})
         if prefix:

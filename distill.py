@@ -24,7 +24,9 @@ Phase 2, logit distillation: loss = ALPHA * KD + (1 - ALPHA) * CE(next token), K
 at temperature T over the full vocabulary, or exactly over k+1 buckets (the teacher's top-k ids plus the tail
 mass), computed in chunks of tokens so that neither model's full fp32 logits exist, in forward or backward.
 
-Functions come first (the tests import them); the story is main() at the bottom.
+Functions come first (the tests import them); the story is at the bottom: run_phase1, run_phase2, and main(),
+which checks the settings, loads the models and runs the phases. The pieces shared with train.py (resume, one
+optimizer step with accumulation, checkpoint saves, metrics on resume, settings checks) live in common.py.
 """
 import dataclasses
 import json
@@ -588,17 +590,12 @@ def val_windows(env, vocab_size):
     return val_batches(DATA_DIR, BATCH_SIZE, SEQ_LEN, EVAL_TOKENS, env.rank, env.world_size, env.device, vocab_size)
 
 
-def latest_state(run_dir):
-    """The newest state of the run, named in the non-finite stop message."""
-    return (run_dir_checkpoints(run_dir)[-1:] or [None])[0]
-
-
 def save_student(path, student, entries, config, tokenizer_src, env, prefix=None):
     """A checkpoint of the student, its config and the run's; `entries` hold the phase's own state."""
     common.save_run_checkpoint(path, student, {
         "model_config": dataclasses.asdict(student.config), "config": config, "tokenizer": tokenizer_src,
         "teacher": TEACHER, "world_size": env.world_size, "rng": common.rng_state(), **entries},
-        env, latest_state(RUN_DIR), KEEP_CHECKPOINTS, prefix)
+        env, KEEP_CHECKPOINTS, prefix)
 
 
 def run_phase1(student, teacher, teacher_val, layers, checkpoint, resume_path, config, env, ctx, metrics,
@@ -771,7 +768,7 @@ def run_phase2(student, teacher, teacher_val, checkpoint, resume_path, loader_st
                 (loss / GRAD_ACCUM).backward()
             sums += torch.stack([loss.detach(), ce, kd]) / GRAD_ACCUM
         (loss_value, ce_value, kd_value), norm_value = common.clip_and_step(optimizer, params, GRAD_CLIP, sums, env,
-                                                                            latest_state(RUN_DIR), step)
+                                                                            RUN_DIR, step)
         step += 1
         now = time.perf_counter()
         metrics.write(phase=2, step=step, loss=loss_value, ce=ce_value, kd=kd_value if ALPHA > 0 else None,

@@ -251,7 +251,7 @@ def save(step, val_loss):
         {"model_config": dataclasses.asdict(model_config), "config": config, "step": step, "tokenizer": tokenizer_src,
          "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": common.rng_state(),
          "world_size": env.world_size, "tokens": step * tokens_per_step, "val_loss": val_loss},
-        env, common.latest_checkpoint(RUN_DIR), KEEP_CHECKPOINTS, "step_")
+        env, KEEP_CHECKPOINTS, "step_")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ while step < max_steps:
             (loss / GRAD_ACCUM).backward()
         loss_sum += loss.detach()
     (loss_value,), norm_value = common.clip_and_step(optimizer, params, GRAD_CLIP, (loss_sum / GRAD_ACCUM).view(1),
-                                                     env, common.latest_checkpoint(RUN_DIR), step)
+                                                     env, RUN_DIR, step)
     step += 1
 
     now = time.perf_counter()
@@ -306,9 +306,9 @@ while step < max_steps:
     window_steps += 1
     if step % LOG_EVERY == 0 or step == max_steps:
         rate = window_steps * tokens_per_step / (now - window_start)
+        mfu_text = f" | mfu {100 * rate * flops_per_token / (peak * env.world_size):.1f}%" if peak else ""
         say(f"step {step} | epoch {loader.epoch} | loss {loss_value:.4f} | lr {lr:.3e} | grad norm "
-            f"{norm_value:.3f} | {rate:,.0f} tok/s" + (f" | mfu {100 * rate * flops_per_token / (peak * env.world_size):.1f}%"
-                                     if peak else ""))
+            f"{norm_value:.3f} | {rate:,.0f} tok/s{mfu_text}")
         window_start, window_steps = time.perf_counter(), 0
     paused = False
     if (EVAL_EVERY > 0 and step % EVAL_EVERY == 0) or step == max_steps:

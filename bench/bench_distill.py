@@ -7,9 +7,12 @@
 2. Phase-2 peak memory of the KD + CE loss, chunked (distill.distill_loss) against unchunked (both models' full
    fp32 logits, F.log_softmax, autograd), forward + backward. On CPU each variant runs in its own process and
    reports its peak RSS above what it held before the loss; on a GPU, torch.cuda.max_memory_allocated.
+3. (--part eval) Phase 1's per-layer evals over one rotation: the teacher's val hidden states computed once
+   (distill.teacher_val_hidden) against a teacher forward in every eval; the numbers must be identical.
 
-    python bench/bench_distill.py                       # both, a few minutes on a laptop CPU
+    python bench/bench_distill.py                       # 1 and 2, a few minutes on a laptop CPU
     python bench/bench_distill.py --part rotation --seq-len 256 --steps-per-layer 4
+    python bench/bench_distill.py --part eval --num-batches 2 --seq-len 256 --repeats 1
 """
 import argparse
 import copy
@@ -110,6 +113,35 @@ def bench_rotation(args):
     return best
 
 
+def bench_eval(args):
+    """Per-layer eval of phase 1: the teacher's val hidden states computed once per run (distill.py) against a
+    teacher forward in every eval (before). Same val windows, same numbers."""
+    torch.set_num_threads(args.threads)
+    env = distill.common.setup_device("cpu")
+    ctx = torch.autocast("cpu", enabled=False)
+    teacher = smollm2_teacher()
+    student, _ = distill.build_student(teacher, distill.student_config(teacher.config, "relu2"))
+    torch.manual_seed(2)
+    batches = [(torch.randint(0, teacher.config.vocab_size, (args.batch_size, args.seq_len)),) * 2
+               for _ in range(args.num_batches)]
+    n_evals = teacher.config.n_layer  # one eval after every layer of a rotation
+    print(f"phase-1 evals: {n_evals} evals (one per layer) of {args.num_batches} val windows of "
+          f"{args.batch_size}x{args.seq_len} | torch threads {torch.get_num_threads()}")
+    times, results = {"cached": [], "teacher forward": []}, {}
+    for rep in range(args.repeats):
+        for name in times:
+            t0 = time.perf_counter()
+            cached = distill.teacher_val_hidden(teacher, batches, ctx) if name == "cached" else None
+            for _ in range(n_evals):
+                results[name] = distill.evaluate_student(student, batches, env, ctx, args.chunk, teacher, cached)
+            times[name].append(time.perf_counter() - t0)
+            print(f"  repeat {rep}: {name:15s} {times[name][-1]:8.2f} s")
+    best = {k: min(v) for k, v in times.items()}
+    print(f"phase-1 evals per rotation: cached teacher {best['cached']:.2f} s | teacher forward each eval "
+          f"{best['teacher forward']:.2f} s | {best['teacher forward'] / best['cached']:.1f}x | same numbers: "
+          f"{results['cached'] == results['teacher forward']}")
+
+
 def loss_peak_child(mode, rows, chunk):
     """Runs in its own process: peak memory of one KD + CE forward and backward, above what it held before."""
     import psutil
@@ -165,7 +197,8 @@ def bench_memory(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["rotation", "memory", "both"], default="both")
+    parser.add_argument("--part", choices=["rotation", "memory", "eval", "both"], default="both",
+                        help="both = rotation and memory; eval = phase-1 evals with and without the cached teacher")
     parser.add_argument("--batch-size", type=int, default=1, help="phase 1: sequences per batch")
     parser.add_argument("--seq-len", type=int, default=128, help="phase 1: tokens per sequence")
     parser.add_argument("--num-batches", type=int, default=2, help="phase 1: batches in the cache")
@@ -186,3 +219,5 @@ if __name__ == "__main__":
             bench_rotation(args)
         if args.part in ("memory", "both"):
             bench_memory(args)
+        if args.part == "eval":
+            bench_eval(args)
