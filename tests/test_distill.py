@@ -175,6 +175,17 @@ def test_cached_latent_entering_each_layer_is_the_models_own_hidden_state(latent
     assert cache["layer"] == 3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs a GPU")
+def test_a_host_cache_beside_a_gpu_stays_pinned_in_every_buffer():
+    teacher, student = tiny_gpt(0).cuda(), tiny_gpt(1).cuda()
+    tokens = [torch.randint(0, 96, (2, 16)) for _ in range(2)]
+    ctx = distill.common.autocast("cuda", torch.float32)
+    for latent in ("teacher", "student"):
+        cache = distill.start_cache(teacher, tokens, latent == "student", "cpu")
+        inputs, targets = distill.layer_io(cache, teacher, student, 0, "decoder", ctx)
+        assert cache["teacher"].is_pinned() and inputs.is_pinned() and targets.is_pinned(), latent
+
+
 @pytest.mark.parametrize("target", ["decoder", "attn", "block"])
 def test_while_layer_i_trains_only_its_target_parameters_change(target):
     teacher = tiny_gpt(0)
