@@ -7,7 +7,6 @@ as a plain dict (lower-case keys) to be saved with runs and checkpoints.
 """
 import contextlib
 import difflib
-import inspect
 import json
 import math
 import os

@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 import common
 from data import TokenLoader, read_manifest, val_batches
-from model import GPT, MLP_KINDS, GPTConfig
+from model import GPT, MLP_KINDS, GPTConfig, llama_incompatible_layers
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults: every one can be set in a YAML file (lower-case key) or on the command line (--name value)
@@ -169,12 +169,6 @@ def check_student_matches_teacher(student_config_, teacher_config, source):
         if s != t:
             raise SystemExit(f"student '{source}' has {key} = {s} but the teacher '{TEACHER}' has {t}; the "
                              f"student's layers and vocabulary must line up with the teacher's")
-
-
-def llama_incompatible_layers(config):
-    """Layers that model.save_pretrained would refuse (it exports SwiGLU, full attention, one width)."""
-    return [i for i in range(config.n_layer) if config.mlp_kind[i] != "swiglu" or config.window[i] is not None
-            or config.mlp_hidden[i] != config.mlp_hidden[0]]
 
 
 def set_trainable(model, modules):

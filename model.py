@@ -6,8 +6,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
-from typing import Optional
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -437,8 +436,7 @@ class GPT(nn.Module):
         from safetensors.torch import save_file
 
         c = self.config
-        bad = [i for i in range(c.n_layer) if c.mlp_kind[i] != "swiglu" or c.window[i] is not None
-               or c.mlp_hidden[i] != c.mlp_hidden[0]]
+        bad = llama_incompatible_layers(c)
         if bad:
             raise ValueError(f"cannot export to Hugging Face Llama: layers {bad} are not SwiGLU with full attention "
                              f"and intermediate size {c.mlp_hidden[0]} (mlp_kind={[c.mlp_kind[i] for i in bad]}, "
@@ -459,6 +457,13 @@ class GPT(nn.Module):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
         return out_dir
+
+
+def llama_incompatible_layers(c):
+    """Layers a Hugging Face Llama cannot express: non-SwiGLU MLPs, sliding windows, or a width other than
+    layer 0's (Llama has one intermediate_size)."""
+    return [i for i in range(c.n_layer) if c.mlp_kind[i] != "swiglu" or c.window[i] is not None
+            or c.mlp_hidden[i] != c.mlp_hidden[0]]
 
 
 def looks_like_hub_id(path):

@@ -150,6 +150,10 @@ vocab_size = model_config.vocab_size
 # Refuse data made with another tokenizer, or holding ids the embedding does not have, before step 0.
 common.check_data_matches_tokenizer(DATA_DIR, tokenizer, vocab_size)
 manifest = read_manifest(DATA_DIR)
+val_available = sum(s["ntok"] for s in manifest["shards"] if s["split"] == "val")
+if min(EVAL_TOKENS, val_available) < BATCH_SIZE * SEQ_LEN + 1:  # refused now rather than at the first eval
+    raise common.ConfigError(f"eval_tokens = {EVAL_TOKENS} and '{DATA_DIR}' has {val_available} val tokens, but one "
+                             f"eval window is batch_size x seq_len + 1 = {BATCH_SIZE * SEQ_LEN + 1} tokens")
 train_shards = [s for s in manifest["shards"] if s["split"] == "train"]
 largest_id = torch.zeros((), dtype=torch.int64, device=env.device)
 for shard in [] if EVAL_ONLY else train_shards[env.rank::env.world_size]:  # each rank scans its share
@@ -176,7 +180,6 @@ if EVAL_ONLY:
     t0 = time.perf_counter()
     val_loss = evaluate(raw_model)
     window = BATCH_SIZE * SEQ_LEN  # val_batches takes whole windows of the first EVAL_TOKENS val tokens
-    val_available = sum(s["ntok"] for s in manifest["shards"] if s["split"] == "val")
     val_tokens = (min(EVAL_TOKENS, val_available) - 1) // window * window
     if master:
         print("eval_only: " + json.dumps({"model": start_source, "val_loss": val_loss, "val_ppl": math.exp(val_loss),

@@ -60,7 +60,7 @@ def naive_rotation(teacher, student, tokens, steps, target, ctx, env):
     losses = []
     for i in range(student.config.n_layer):
         block = student.blocks[i]
-        params = distill.set_trainable(student, distill.target_modules(block, target))
+        distill.set_trainable(student, distill.target_modules(block, target))
         optimizer = student.configure_optimizer(1e-3, 0.0, (0.9, 0.95), "cpu")
         seen = {}
         hooks = [teacher.blocks[i].register_forward_hook(lambda m, a, out: seen.__setitem__("target", out)),

@@ -2,9 +2,11 @@
 import importlib.util
 import os
 import random
+import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,4 +129,37 @@ def smollm2_hf_dir(tmp_path_factory, smollm2_gguf):
         model.hf_quantizer = None
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(path)
+    return str(path)
+
+
+def write_token_dataset(path, tokenizer_dir, n_docs=300, seed=3, val_tokens=2000, poison=None):
+    """Tokenize pseudo-English with `tokenizer_dir` into 2 train shards + 1 val shard and a manifest, the way
+    prepare.py lays them out (documents joined by the separator id 0). `poison` = a token id written into the
+    last train shard, to fake a corrupt shard."""
+    from transformers import AutoTokenizer
+
+    from data import HEADER_BYTES, tokenizer_fingerprint, write_shard
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = []
+    for doc in english_like_documents(n_docs, seed=seed):
+        ids += [0] + tok(doc)["input_ids"]
+    ids = np.array(ids, dtype=np.uint16)
+    parts = {"val": [ids[:val_tokens]], "train": np.array_split(ids[val_tokens:], 2)}
+    if poison is not None:
+        parts["train"][-1][-1] = poison
+    os.makedirs(path, exist_ok=True)
+    shards = []
+    for split, pieces in parts.items():
+        for i, piece in enumerate(pieces):
+            name = f"{split}_{i:06d}.bin"
+            sha = write_shard(os.path.join(path, name), piece)
+            shards.append({"split": split, "file": name, "bytes": HEADER_BYTES + 2 * len(piece), "sha256": sha,
+                           "ntok": int(len(piece))})
+    manifest = {"shards": shards, "totals": {s: {"tokens": int(sum(len(p) for p in ps))} for s, ps in parts.items()},
+                "tokenizer": {"source": str(tokenizer_dir), "vocab_size": len(tok),
+                              "fingerprint": tokenizer_fingerprint(tok), "separator_id": 0,
+                              "separator_token": SPECIAL_TOKENS[0]}}
+    with open(os.path.join(path, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
     return str(path)

@@ -1,6 +1,5 @@
 """The config layer: constants < YAML < command line, typed, with named errors for unknown keys and bad values."""
 import json
-import os
 import subprocess
 import sys
 import textwrap

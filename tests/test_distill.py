@@ -9,13 +9,11 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, english_like_documents, make_tiny_llama, run_script
-from data import tokenizer_fingerprint, write_shard
+from conftest import REPO, english_like_documents, make_tiny_llama, run_script, write_token_dataset
 from model import GPT, GPTConfig
 
 import distill
@@ -232,33 +230,9 @@ def teacher_dir(tmp_path_factory, bpe_tokenizer_dir):
     return make_tiny_llama(tmp_path_factory.mktemp("teacher"), bpe_tokenizer_dir, seed=3)
 
 
-def write_dataset(path, tokenizer_dir, train_docs=300, val_docs=40):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    os.makedirs(path, exist_ok=True)
-    shards, totals = [], {}
-    for split, docs, seed in (("train", train_docs, 10), ("val", val_docs, 11)):
-        ids = []
-        for doc in english_like_documents(docs, seed=seed):
-            ids += [0] + tokenizer.encode(doc)
-        name = f"{split}_000000.bin"
-        digest = write_shard(os.path.join(path, name), np.array(ids, dtype=np.uint16))
-        shards.append({"split": split, "file": name, "bytes": os.path.getsize(os.path.join(path, name)),
-                       "sha256": digest, "ntok": len(ids)})
-        totals[split] = len(ids)
-    manifest = {"shards": shards, "totals": totals,
-                "tokenizer": {"source": tokenizer_dir, "vocab_size": len(tokenizer),
-                              "fingerprint": tokenizer_fingerprint(tokenizer), "separator_id": 0,
-                              "separator_token": "<|endoftext|>"}}
-    with open(os.path.join(path, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, bpe_tokenizer_dir):
-    return write_dataset(tmp_path_factory.mktemp("shards"), bpe_tokenizer_dir)
+    return write_token_dataset(tmp_path_factory.mktemp("shards"), bpe_tokenizer_dir, n_docs=340, val_tokens=4000)
 
 
 def records(run_dir):
@@ -474,5 +448,5 @@ def test_bad_input_is_refused_before_any_work(teacher_dir, data_dir, tmp_path, b
         vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     other_tok = str(tmp_path / "other_tok")
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(other_tok)
-    other_data = write_dataset(tmp_path / "other_data", other_tok, train_docs=30, val_docs=10)
+    other_data = write_token_dataset(tmp_path / "other_data", other_tok, n_docs=40, val_tokens=1000)
     assert "re-run prepare.py with this model's tokenizer" in fails(data=other_data)

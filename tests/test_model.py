@@ -112,9 +112,6 @@ def test_sliding_window_model_equals_explicit_mask_model():
                        window=[8, None, 500], max_seq_len=512)
     model = GPT(config).init_weights().eval()
     idx = torch.randint(0, 256, (2, 150))
-    captured = []
-    original = F.scaled_dot_product_attention
-
     def reference(block, x, cos, sin):
         a = block.attn
         B, T, _ = x.shape

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, SPECIAL_TOKENS, english_like_documents, run_script
+from conftest import REPO, SPECIAL_TOKENS, english_like_documents, run_script, write_token_dataset
 
 TINY_MODEL = {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64, "head_dim": 16, "mlp_hidden": 128,
               "max_seq_len": 128}
@@ -22,42 +22,9 @@ TINY_RUN = {"model_config": TINY_MODEL, "device": "cpu", "dtype": "float32", "ba
             "keep_checkpoints": 0, "log_every": 1}
 
 
-def write_dataset(path, tokenizer_dir, n_docs=300, seed=3, val_tokens=2000, poison=None):
-    """Tokenize pseudo-English with `tokenizer_dir` into 2 train shards + 1 val shard and a manifest, the way
-    prepare.py lays them out (documents joined by the separator id 0). `poison` = a token id written into the
-    last train shard, to fake a corrupt shard."""
-    from transformers import AutoTokenizer
-
-    from data import HEADER_BYTES, tokenizer_fingerprint, write_shard
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    ids = []
-    for doc in english_like_documents(n_docs, seed=seed):
-        ids += [0] + tok(doc)["input_ids"]
-    ids = np.array(ids, dtype=np.uint16)
-    parts = {"val": [ids[:val_tokens]], "train": np.array_split(ids[val_tokens:], 2)}
-    if poison is not None:
-        parts["train"][-1][-1] = poison
-    os.makedirs(path, exist_ok=True)
-    shards = []
-    for split, pieces in parts.items():
-        for i, piece in enumerate(pieces):
-            name = f"{split}_{i:06d}.bin"
-            sha = write_shard(os.path.join(path, name), piece)
-            shards.append({"split": split, "file": name, "bytes": HEADER_BYTES + 2 * len(piece), "sha256": sha,
-                           "ntok": int(len(piece))})
-    manifest = {"shards": shards, "totals": {s: {"tokens": int(sum(len(p) for p in ps))} for s, ps in parts.items()},
-                "tokenizer": {"source": str(tokenizer_dir), "vocab_size": len(tok),
-                              "fingerprint": tokenizer_fingerprint(tok), "separator_id": 0,
-                              "separator_token": SPECIAL_TOKENS[0]}}
-    with open(os.path.join(path, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, bpe_tokenizer_dir):
-    return write_dataset(tmp_path_factory.mktemp("shards"), bpe_tokenizer_dir)
+    return write_token_dataset(tmp_path_factory.mktemp("shards"), bpe_tokenizer_dir)
 
 
 def write_config(path, **overrides):
@@ -249,7 +216,7 @@ def test_shards_of_another_tokenizer_are_refused_before_step_0(tmp_path, shards,
         vocab_size=400, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     other_dir = tmp_path / "other_tokenizer"
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SPECIAL_TOKENS[0]).save_pretrained(other_dir)
-    other_shards = write_dataset(tmp_path / "other_shards", other_dir, n_docs=60)
+    other_shards = write_token_dataset(tmp_path / "other_shards", other_dir, n_docs=60)
     config = write_config(tmp_path / "tiny.yaml")
     proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", other_shards,
                  "--run-dir", tmp_path / "run", check=False)
@@ -267,7 +234,7 @@ def test_token_ids_beyond_the_model_vocab_are_refused_before_step_0(tmp_path, sh
                  check=False)
     assert proc.returncode != 0 and "exceeds the model's vocab_size 256" in proc.stderr
     # the manifest is right but a shard holds an id the tokenizer never makes (a corrupt or mixed-up shard)
-    poisoned = write_dataset(tmp_path / "poisoned", bpe_tokenizer_dir, n_docs=60, poison=600)
+    poisoned = write_token_dataset(tmp_path / "poisoned", bpe_tokenizer_dir, n_docs=60, poison=600)
     proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", poisoned,
                  "--run-dir", tmp_path / "run", check=False)
     assert proc.returncode != 0 and "train shards hold token id 600" in proc.stderr
@@ -336,3 +303,11 @@ def test_tiny_cpu_config_trains(tmp_path, shards, bpe_tokenizer_dir):
           "--data-dir", shards, "--run-dir", run_dir, "--max-steps", 4, "--eval-tokens", 1025)
     steps, evals = metrics(run_dir)
     assert sorted(steps) == [1, 2, 3, 4] and sorted(evals) == [0, 4]
+
+
+def test_eval_tokens_smaller_than_one_window_is_refused_before_training(tmp_path, shards, bpe_tokenizer_dir):
+    config = tmp_path / "c.yaml"
+    write_config(config, data_dir=shards, tokenizer=bpe_tokenizer_dir, run_dir=str(tmp_path / "run"), eval_every=0)
+    proc = run_script("train.py", "--config", config, "--eval-tokens", "10", check=False)
+    assert proc.returncode != 0 and "one eval window" in proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
