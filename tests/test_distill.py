@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from conftest import REPO, english_like_documents, make_tiny_llama, run_script, write_token_dataset
 from model import GPT, GPTConfig
 
+import common
 import distill
 
 ENV = {"OMP_NUM_THREADS": "1"}  # two processes of torchrun on two cores: no oversubscription
@@ -450,3 +451,17 @@ def test_bad_input_is_refused_before_any_work(teacher_dir, data_dir, tmp_path, b
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(other_tok)
     other_data = write_token_dataset(tmp_path / "other_data", other_tok, n_docs=40, val_tokens=1000)
     assert "re-run prepare.py with this model's tokenizer" in fails(data=other_data)
+
+
+def test_a_swiglu_student_exports_to_hugging_face_with_the_same_logits(teacher_dir, data_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = str(tmp_path / "run")
+    run_here(*distill_args(teacher_dir, data_dir, run, "--mlp-kind", "swiglu", "--steps-per-layer", "2",
+                           "--max-steps", "2", "--checkpoint-every", "2", "--export-hf"))
+    student, _ = common.load_model(os.path.join(run, "step_000002.pt"))
+    assert student.config.mlp_kind == ["swiglu"] * 3 and student.config.mlp_hidden[0] == 80  # half of 160
+    exported = AutoModelForCausalLM.from_pretrained(os.path.join(run, "hf"), dtype=torch.float32).eval()
+    idx = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(idx).logits, student.eval()(idx), atol=1e-4, rtol=1e-4)
