@@ -149,7 +149,7 @@ def _constant_types(namespace):
 
 def _unknown_key(key, known, origin):
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    hint = f"; did you mean '{close[0]}'?" if close else "."
     return ConfigError(f"unknown key '{key}' (from {origin}){hint} Known keys: {', '.join(sorted(known))}")
 
 
