@@ -3,6 +3,7 @@ length, device and dtype, measured side by side in one process (alternating roun
 
     python bench/bench_sample.py                      # random weights in the SmolLM2-135M shape
     python bench/bench_sample.py --model /path/to/hf_dir --prompt-tokens 256 --new-tokens 256
+    python bench/bench_sample.py --compile            # adds ours with sample.py --compile (compile time untimed)
 
 Time to first token (prompt -> 1 token) gives prefill tokens/s; (T(N tokens) - T(1 token)) gives decode
 tokens/s over the remaining N-1 tokens. EOS is disabled on both sides so both produce exactly N tokens.
@@ -27,9 +28,10 @@ from sample import generate  # noqa: E402
 MODEL: Optional[str] = None  # an HF Llama dir to benchmark; None = random weights in the SmolLM2-135M shape
 PROMPT_TOKENS = 128  # prompt length (random token ids)
 NEW_TOKENS = 128  # tokens generated per run
-ROUNDS = 5  # alternating rounds of (ours, transformers); medians are reported
+ROUNDS = 5  # alternating rounds of (ours, [ours compiled,] transformers); medians are reported
 THREADS = 0  # torch intra-op threads (0 = torch's default)
 SEED = 0  # seed for the random weights and the prompt
+COMPILE = False  # also time ours with sample.py's torch.compiled decode step (a third side; transformers stays eager)
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -57,10 +59,14 @@ print(f"model: {MODEL or 'random SmolLM2-135M shape'}, {ours.num_params() / 1e6:
       f"{torch.get_num_threads()} threads; prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new tokens, {ROUNDS} rounds")
 
 
-def run_ours(n):
+def run_ours(n, compile=False):
     start = time.perf_counter()
-    tokens = list(generate(ours, prompt, n, temperature=0.0))
+    tokens = list(generate(ours, prompt, n, temperature=0.0, compile=compile))
     return time.perf_counter() - start, tokens
+
+
+def run_compiled(n):
+    return run_ours(n, compile=True)
 
 
 @torch.inference_mode()
@@ -87,19 +93,25 @@ def matmul_floor():
 
 
 run_ours(4), run_hf(4), matmul_floor()  # warm-up: first calls allocate and pick kernels
-times = {"ours": {1: [], NEW_TOKENS: []}, "transformers": {1: [], NEW_TOKENS: []}}
+sides = [("ours", run_ours), ("transformers", run_hf)]
+if COMPILE:
+    start = time.perf_counter()
+    run_compiled(4)  # compiles the decode step: paid once per process, left out of the timed rounds
+    print(f"compile (first generate of 4 tokens): {time.perf_counter() - start:.1f} s", flush=True)
+    sides.insert(1, ("ours compiled", run_compiled))
+times = {name: {1: [], NEW_TOKENS: []} for name, _ in sides}
 floor = []
 outputs = {}
 for r in range(ROUNDS):
-    for name, fn in (("ours", run_ours), ("transformers", run_hf)):
+    for name, fn in sides:
         for n in (1, NEW_TOKENS):
             seconds, tokens = fn(n)
             times[name][n].append(seconds)
             if n == NEW_TOKENS:
                 outputs[name] = tokens
     floor.append(matmul_floor())
-    print(f"round {r + 1}: ours {NEW_TOKENS / times['ours'][NEW_TOKENS][-1]:.1f} tok/s end to end, "
-          f"transformers {NEW_TOKENS / times['transformers'][NEW_TOKENS][-1]:.1f} tok/s", flush=True)
+    print(f"round {r + 1}: " + ", ".join(f"{name} {NEW_TOKENS / times[name][NEW_TOKENS][-1]:.1f}"
+                                         for name, _ in sides) + " tok/s end to end", flush=True)
 
 same = sum(a == b for a, b in zip(outputs["ours"], outputs["transformers"]))
 for label, pick in (("median", statistics.median), ("best", min)):
@@ -107,11 +119,20 @@ for label, pick in (("median", statistics.median), ("best", min)):
     for name in times:
         t1, tn = pick(times[name][1]), pick(times[name][NEW_TOKENS])
         result[name] = (PROMPT_TOKENS / t1, (NEW_TOKENS - 1) / (tn - t1))
-    print(f"\n{label + ' of ' + str(ROUNDS):14}{'prefill tok/s':>15}{'decode tok/s':>15}")
+    print(f"\n{label + ' of ' + str(ROUNDS):18}{'prefill tok/s':>15}{'decode tok/s':>15}")
     for name, (prefill, decode) in result.items():
-        print(f"{name:14}{prefill:15.1f}{decode:15.1f}")
-    print(f"{'speedup':14}{result['ours'][0] / result['transformers'][0]:14.2f}x"
-          f"{result['ours'][1] / result['transformers'][1]:14.2f}x")
-    print(f"{'matmul floor':14}{'':15}{1 / pick(floor):15.1f}")
+        print(f"{name:18}{prefill:15.1f}{decode:15.1f}")
+    for name in result:
+        if name != "transformers":  # both of ours against what users of transformers run
+            print(f"{'speedup ' + name.replace('ours', '').strip():18}"
+                  f"{result[name][0] / result['transformers'][0]:14.2f}x"
+                  f"{result[name][1] / result['transformers'][1]:14.2f}x")
+    if COMPILE:
+        print(f"{'compiled / eager':18}{result['ours compiled'][0] / result['ours'][0]:14.2f}x"
+              f"{result['ours compiled'][1] / result['ours'][1]:14.2f}x")
+    print(f"{'matmul floor':18}{'':15}{1 / pick(floor):15.1f}")
 print(f"\ngreedy tokens identical: {same}/{NEW_TOKENS}" + ("" if same == NEW_TOKENS else
       " (fp32 rounding differences can flip a near-tie; the rest follows from the flipped token)"))
+if COMPILE:
+    same = sum(a == b for a, b in zip(outputs["ours"], outputs["ours compiled"]))
+    print(f"greedy tokens identical, compiled vs eager: {same}/{NEW_TOKENS}")

@@ -3,6 +3,7 @@ and the real SmolLM2-135M-Instruct answering a question."""
 import io
 import json
 import os
+import shutil
 from dataclasses import asdict
 
 import pytest
@@ -53,6 +54,21 @@ def test_sliding_window_layers_cache_only_w_positions():
     model = tiny_gpt(window=[4, None, 8])
     cache = model.new_cache(1, 100, "cpu", torch.float32)
     assert [layer.k.shape[2] for layer in cache.layers] == [4, 100, 8]
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
+def test_compiled_decode_step_gives_eager_greedy_tokens_without_recompiling_as_the_cache_grows():
+    model = tiny_gpt(seed=5)
+    prompt = [5, 17, 3, 88, 42, 7]
+    assert list(generate(model, prompt, 30, compile=True)) == list(generate(model, prompt, 30))
+    # another prompt length and cache size: dynamic shapes must reuse the graph, not compile one per length
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled = list(generate(model, prompt[:3], 40, compile=True))
+    assert compiled == list(generate(model, prompt[:3], 40))
+    # sliding windows: the ring buffer stops growing once full (a bounded recompile per window size)
+    model = tiny_gpt(seed=1, window=[4, None, 8], mlp_kind=["relu2", "swiglu", "relu2"])
+    assert list(generate(model, prompt, 30, compile=True)) == list(generate(model, prompt, 30))
 
 
 def test_top_k_one_equals_greedy():
