@@ -125,11 +125,20 @@ def coerce(value, tp, key):
     raise ConfigError(f"key '{key}': unsupported constant type {_type_name(tp)}")
 
 
+def _assigned_in_source(source_file):
+    """Names the script itself assigns at top level (`NAME = ...`): its settings. Imported constants such as
+    data.MAGIC are the script's tools, not its settings, and stay out of the config."""
+    with open(source_file, encoding="utf-8") as f:
+        return {m.group(1) for m in re.finditer(r"(?m)^([A-Z][A-Z0-9_]*)\s*(?::[^=\n]+)?=", f.read())}
+
+
 def _constant_types(namespace):
     annotations = namespace.get("__annotations__", {})
+    source_file = namespace.get("__file__")
+    own = _assigned_in_source(source_file) if source_file and os.path.exists(source_file) else None
     types_ = {}
     for name, default in namespace.items():
-        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name) or (own is not None and name not in own):
             continue
         if name in annotations:
             tp = annotations[name]

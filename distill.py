@@ -101,7 +101,7 @@ EXPORT_HF = False  # at the end, export the student to RUN_DIR/hf as a Hugging F
 
 # Settings a phase-1 resume may change: they do not touch the cached batches, the schedule or the weights.
 # Everything else must match the saved config, or the resumed run could not end where an uninterrupted one would.
-PHASE1_RESUMABLE_CHANGES = ("resume", "run_dir", "log_every", "keep_checkpoints", "export_hf", "phases",
+_PHASE1_RESUMABLE_CHANGES = ("resume", "run_dir", "log_every", "keep_checkpoints", "export_hf", "phases",
                             "cache_device",  # where the cache lives, not what it holds
                             "alpha", "temperature", "top_k", "train_params", "max_steps", "lr", "warmup_steps",
                             "grad_accum", "checkpoint_every")  # phase 2 only
@@ -929,8 +929,8 @@ def check_settings():
 
 
 def check_phase1_settings(checkpoint, config, env, path):
-    """Phase 1 resumes exactly only with the settings it was saved with (PHASE1_RESUMABLE_CHANGES aside)."""
-    changed = common.changed_settings(checkpoint.get("config", {}), config, ignore=PHASE1_RESUMABLE_CHANGES)
+    """Phase 1 resumes exactly only with the settings it was saved with (_PHASE1_RESUMABLE_CHANGES aside)."""
+    changed = common.changed_settings(checkpoint.get("config", {}), config, ignore=_PHASE1_RESUMABLE_CHANGES)
     if checkpoint.get("world_size", env.world_size) != env.world_size:
         changed["world_size"] = (checkpoint.get("world_size"), env.world_size)
     if changed:

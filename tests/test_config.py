@@ -13,6 +13,7 @@ SCRIPT = textwrap.dedent('''
     from typing import Optional
     sys.path.insert(0, {repo!r})
     from common import configure
+    from data import MAGIC  # an imported constant: a tool of the script, never one of its settings
 
     LEARNING_RATE = 3e-4  # peak learning rate
     MAX_STEPS = 100  # optimizer steps
@@ -40,7 +41,7 @@ def result(proc):
     return json.loads(line[len("RESULT "):])
 
 
-def test_defaults_are_the_constants(tmp_path):
+def test_defaults_are_the_constants_the_script_defines(tmp_path):
     config = result(run_config_script(tmp_path))
     assert config == {"learning_rate": 3e-4, "max_steps": 100, "compile": False, "run_name": "default",
                       "windows": [None, 128], "betas": [0.9, 0.95], "init_from": None,
