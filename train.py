@@ -194,7 +194,8 @@ tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * env.world_size
 max_steps = math.ceil(TARGET_TOKENS / tokens_per_step) if TARGET_TOKENS is not None else MAX_STEPS
 config["max_steps"] = max_steps  # what the schedule actually uses, saved with the run
 optimizer = raw_model.configure_optimizer(LR, WEIGHT_DECAY, BETAS, env.device_type)
-loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, env.rank, env.world_size, env.device, vocab_size)
+# every train shard was scanned for ids >= vocab_size before step 0, so the loader need not scan them again
+loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, env.rank, env.world_size, env.device)
 
 step = 0  # optimizer steps done; the LR schedule and the checkpoint names count these
 continue_schedule = checkpoint is not None and not IGNORE_PRIOR_SCHEDULE
