@@ -119,6 +119,19 @@ def sliding_window_attention(q, k, v, window, mask_cache):
     return out.transpose(1, 2).reshape(B, H, n_blocks * block, D)[:, :, :T]
 
 
+def decode_attention(q, k, v):
+    """One query position (B, H, 1, D) against every cached key/value (B, Hkv, S, D), no mask needed."""
+    if not torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    # Compiled, the same softmax(q k^T / sqrt(D)) v as sums of products fuses into one small kernel; a library
+    # attention call (torch.compile maps matmul-softmax-matmul onto one) costs twice as long for one query.
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    q = q.view(B, Hkv, H // Hkv, 1, D).float()
+    weights = ((q * k.unsqueeze(2)).sum(-1) * D ** -0.5).softmax(-1)  # (B, Hkv, H/Hkv, S)
+    return (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).to(v.dtype).view(B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, config, window):
         super().__init__()
@@ -138,7 +151,7 @@ class Attention(nn.Module):
         v = v.contiguous().view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cache is not None and cache.pos > 0:  # decoding one token against the cached keys
             k, v = cache.append(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            y = decode_attention(q, k, v)
         else:
             if cache is not None:  # prefill: attend as usual, then keep what later tokens will need
                 cache.append(k, v)
@@ -220,8 +233,14 @@ class Block(nn.Module):
         self.mlp = make_mlp(config.n_embd, config.mlp_kind[layer], config.mlp_hidden[layer])
 
     def forward(self, x, cos, sin, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        B, T, C = x.shape
+        # The residual stream runs as (B*T, C) rows. Same math; but under torch.compile a norm output of shape
+        # (1, 1, C) reaches the next matmul as a stride-0 (1, C) view, which the matmul copies first: two copies
+        # per layer per decoded token.
+        x = x.reshape(B * T, C)
+        x = x + self.attn(self.attn_norm(x).view(B, T, C), cos, sin, cache).view(B * T, C)
+        x = x + self.mlp(self.mlp_norm(x))
+        return x.view(B, T, C)
 
 
 # ----------------------------------------------------------------------------------------------------------

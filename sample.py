@@ -101,15 +101,21 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=
                          generator, dtype or model.embed.weight.dtype, compile)
 
 
-def decode_step(model, idx, cache):
-    """idx (B, T) through the model into the cache -> fp32 logits (B, V) of the last position only."""
+def decode_step(model, idx, cache, greedy=False):
+    """idx (B, T) through the model into the cache -> fp32 logits (B, V) of the last position only, or with
+    greedy, their argmax ids (B, 1): compiled, the argmax is one vectorised kernel, where ATen's takes ~0.1 ms."""
     hidden = model(idx, cache=cache, return_hidden=True)[:, -1]
-    return model.lm_head(hidden).float()
+    logits = model.lm_head(hidden).float()
+    return logits.argmax(dim=-1, keepdim=True) if greedy else logits
 
 
 # dynamic=True: the cache length grows every step, and a graph specialised to one length would recompile each
-# token. Compiling is lazy, on the first call; prefill (T > 1, once per prompt) stays eager.
-compiled_decode_step = torch.compile(decode_step, dynamic=True)
+# token. Compiling is lazy, on the first call; prefill (T > 1, once per prompt) stays eager. cpp_wrapper: the graph
+# calls its ~250 kernels and matmuls from C++ rather than Python (~1 ms a token on CPU).
+compiled_decode_step = torch.compile(decode_step, dynamic=True, options={"cpp_wrapper": True})
+# Before each call dynamo checks ~5,000 guards on the model, its modules and the cache. With recursive dict tags,
+# a module subtree whose __dict__s are unchanged since the last call passes as a whole: ~0.3 ms less per token.
+torch._dynamo.config.use_recursive_dict_tags_for_guards = True
 
 
 @torch.inference_mode()
@@ -126,11 +132,12 @@ def decode_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, 
         seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
         seen[0, idx[0]] = True
     eos = set(eos_ids)
+    greedy = temperature == 0 and repetition_penalty == 1.0
     step = decode_step  # the prefill
     for _ in range(max_new_tokens):
-        logits = step(model, idx, cache)
+        out = step(model, idx, cache, greedy)
         step = compiled_decode_step if compile else decode_step
-        idx = next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generator)
+        idx = out if greedy else next_token(out, seen, temperature, top_k, top_p, repetition_penalty, generator)
         token = idx.item()
         yield token
         if token in eos:

@@ -1,6 +1,7 @@
 """model.py against references nobody here wrote: transformers' Llama, an explicit-mask attention, F.cross_entropy."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -281,6 +282,24 @@ def test_kv_cache_decoding_matches_full_forward(window):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     if window:
         assert cache.layers[0].k.shape[2] == window  # ring buffer of W, not the whole sequence
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
+def test_compiled_kv_cache_decoding_matches_full_forward():
+    """Under torch.compile a one-token step attends through decode_attention's fused sums of products instead of
+    SDPA: same logits as the uncached forward, for a ring-buffer layer past its window and a full layer, GQA, B=2."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, mlp_hidden=48,
+                       window=[5, None], max_seq_len=64)
+    model = GPT(config).init_weights(std=0.1).eval()
+    idx = torch.randint(0, 128, (2, 20))
+    step = torch.compile(lambda token, cache: model(token, cache=cache), dynamic=True)
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(2, 20, "cpu", torch.float32)
+        steps = [model(idx[:, :8], cache=cache)] + [step(idx[:, t:t + 1], cache) for t in range(8, 20)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_kv_cache_refuses_multi_token_append_after_prefill():
