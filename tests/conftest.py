@@ -3,6 +3,7 @@ import importlib.util
 import os
 import random
 import json
+import shutil
 import subprocess
 import sys
 
@@ -19,6 +20,11 @@ WORDS = ("the of and to in is was for on that with as by at from his her an be t
          "learned built grew moved wrote found studied carried opened measured counted painted").split()
 SEPARATOR = "<|endoftext|>"
 SPECIAL_TOKENS = [SEPARATOR, "<|im_start|>", "<|im_end|>"]
+
+
+# torch.compile's CPU backend (inductor) builds its kernels with a C++ compiler
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
+                               reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
 
 
 def english_like_documents(n_docs, seed=0, min_words=20, max_words=120):

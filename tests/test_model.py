@@ -1,13 +1,12 @@
 """model.py against references nobody here wrote: transformers' Llama, an explicit-mask attention, F.cross_entropy."""
 import json
 import os
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, needs_cxx
 from model import GPT, GPTConfig, sliding_window_attention
 
 SENTENCE = "The capital of France is Paris, and the river that runs through it is called the Seine."
@@ -268,8 +267,10 @@ def test_swiglu_recompute_matches_plain_autograd():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("window", [None, 5])
-def test_kv_cache_decoding_matches_full_forward(window):
+@pytest.mark.parametrize("window,compiled", [(None, False), (5, False), pytest.param(5, True, marks=needs_cxx)])
+def test_kv_cache_decoding_matches_full_forward(window, compiled):
+    """Compiled, a one-token step attends through decode_attention's fused sums of products instead of SDPA: it
+    must give the same logits too (a ring-buffer layer past its window and a full layer, GQA, B=2)."""
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, mlp_hidden=48,
                        window=[window, None], max_seq_len=64)
@@ -278,28 +279,11 @@ def test_kv_cache_decoding_matches_full_forward(window):
     with torch.no_grad():
         full = model(idx)
         cache = model.new_cache(2, 20, "cpu", torch.float32)
-        steps = [model(idx[:, :8], cache=cache)] + [model(idx[:, t:t + 1], cache=cache) for t in range(8, 20)]
+        step = torch.compile(model, dynamic=True) if compiled else model
+        steps = [model(idx[:, :8], cache=cache)] + [step(idx[:, t:t + 1], cache=cache) for t in range(8, 20)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     if window:
         assert cache.layers[0].k.shape[2] == window  # ring buffer of W, not the whole sequence
-
-
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
-                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
-def test_compiled_kv_cache_decoding_matches_full_forward():
-    """Under torch.compile a one-token step attends through decode_attention's fused sums of products instead of
-    SDPA: same logits as the uncached forward, for a ring-buffer layer past its window and a full layer, GQA, B=2."""
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, mlp_hidden=48,
-                       window=[5, None], max_seq_len=64)
-    model = GPT(config).init_weights(std=0.1).eval()
-    idx = torch.randint(0, 128, (2, 20))
-    step = torch.compile(lambda token, cache: model(token, cache=cache), dynamic=True)
-    with torch.no_grad():
-        full = model(idx)
-        cache = model.new_cache(2, 20, "cpu", torch.float32)
-        steps = [model(idx[:, :8], cache=cache)] + [step(idx[:, t:t + 1], cache) for t in range(8, 20)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
 def test_kv_cache_refuses_multi_token_append_after_prefill():

@@ -3,14 +3,13 @@ and the real SmolLM2-135M-Instruct answering a question."""
 import io
 import json
 import os
-import shutil
 from dataclasses import asdict
 
 import pytest
 import torch
 
 from common import load_model, load_tokenizer, save_checkpoint, tokenizer_source
-from conftest import make_tiny_llama, run_script
+from conftest import make_tiny_llama, needs_cxx, run_script
 from model import GPT, GPTConfig
 from sample import TextStream, eos_token_ids, format_prompt, generate, next_token
 
@@ -56,8 +55,7 @@ def test_sliding_window_layers_cache_only_w_positions():
     assert [layer.k.shape[2] for layer in cache.layers] == [4, 100, 8]
 
 
-@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None,
-                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
+@needs_cxx
 def test_compiled_decode_step_gives_eager_greedy_tokens_without_recompiling_as_the_cache_grows():
     model = tiny_gpt(seed=5)
     prompt = [5, 17, 3, 88, 42, 7]
