@@ -7,7 +7,8 @@ length, device and dtype, measured side by side in one process (alternating roun
 
 Time to first token (prompt -> 1 token) gives prefill tokens/s; (T(N tokens) - T(1 token)) gives decode
 tokens/s over the remaining N-1 tokens. EOS is disabled on both sides so both produce exactly N tokens.
-Both medians and best rounds are printed: on a shared machine the best round is the least disturbed one.
+Medians and best rounds are printed, and each round's own decode ratio: on a shared machine the best round is
+the least disturbed one, and the per-round ratios show how far the machine's noise moves the result.
 The "matmul floor" row times only the weight matmuls of one token (every weight matrix read once, M=1): no
 fp32 implementation decodes faster than that, so it shows how much of a step is left to win.
 """
@@ -131,6 +132,15 @@ for label, pick in (("median", statistics.median), ("best", min)):
         print(f"{'compiled / eager':18}{result['ours compiled'][0] / result['ours'][0]:14.2f}x"
               f"{result['ours compiled'][1] / result['ours'][1]:14.2f}x")
     print(f"{'matmul floor':18}{'':15}{1 / pick(floor):15.1f}")
+# Each round's own decode ratio: the sides of one round run seconds apart, so load from other tenants that comes
+# and goes between rounds moves them alike; the spread of these ratios shows how much noise is left.
+print("\nper-round decode ratio vs transformers (median, min-max over rounds):")
+for name in times:
+    if name != "transformers":
+        ratios = [(times["transformers"][NEW_TOKENS][r] - times["transformers"][1][r])
+                  / (times[name][NEW_TOKENS][r] - times[name][1][r]) for r in range(ROUNDS)]
+        print(f"{name:18}{statistics.median(ratios):14.2f}x   ({min(ratios):.2f}-{max(ratios):.2f}x)")
+
 print(f"\ngreedy tokens identical: {same}/{NEW_TOKENS}" + ("" if same == NEW_TOKENS else
       " (fp32 rounding differences can flip a near-tie; the rest follows from the flipped token)"))
 if COMPILE:
