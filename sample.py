@@ -38,7 +38,7 @@ SEED = 1337  # sampling seed; the same seed gives the same text on the same devi
 NUM_SAMPLES = 1  # how many independent samples to draw for the prompt, one after the other
 DEVICE = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...
 DTYPE = "auto"  # auto (bf16 on a GPU that has it, fp32 otherwise), float32, bfloat16, float16
-COMPILE = False  # torch.compile the 1-token decode step (~1.4-1.5x decode on CPU; needs a C++ compiler): costs ~20-100 s once
+COMPILE = False  # torch.compile the 1-token decode step (~1.4x decode on CPU; needs a C++ compiler): costs ~20-100 s once
 THREADS = 0  # CPU threads for torch (0 = torch's default, one per core); on a busy machine, the number of idle cores
 
 
