@@ -137,7 +137,7 @@ class TokenLoader:
     stream is one integer (`position`, the same on every rank), which makes resume exact.
     """
 
-    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, device="cpu", vocab_size=None):
+    def __init__(self, data_dir, split, batch_size, seq_len, *, rank=0, world_size=1, device="cpu", vocab_size=None):
         manifest = read_manifest(data_dir)
         shards = [s for s in manifest["shards"] if s["split"] == split]
         if not shards:
@@ -232,7 +232,7 @@ class TokenLoader:
         return self._shards[i]
 
 
-def val_batches(data_dir, batch_size, seq_len, num_tokens, rank=0, world_size=1, device="cpu", vocab_size=None):
+def val_batches(data_dir, batch_size, seq_len, num_tokens, rank=0, world_size=1, *, device="cpu", vocab_size=None):
     """The fixed val set: the first `num_tokens` val tokens (or all, if fewer) cut into windows of B*T+1.
 
     The windows do not depend on the world size; rank r yields windows r, r+W, ..., so summing losses and token
@@ -247,3 +247,18 @@ def val_batches(data_dir, batch_size, seq_len, num_tokens, rank=0, world_size=1,
         raise ValueError(f"val: num_tokens={num_tokens} is less than one window of batch_size * seq_len + 1 = "
                          f"{window + 1} tokens")
     return (loader.window_at(k * window) for k in range(rank, n_windows, world_size))
+
+
+def check_data_matches_tokenizer(data_dir, tokenizer, vocab_size):
+    """Refuse shards tokenized by a different tokenizer (by vocabulary fingerprint) or with a bigger vocab."""
+    manifest = read_manifest(data_dir)
+    recorded = manifest["tokenizer"]
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    if recorded["fingerprint"] != fingerprint:
+        raise SystemExit(f"{data_dir}/manifest.json: shards were made with tokenizer '{recorded['source']}' "
+                         f"(fingerprint {recorded['fingerprint'][:12]}), but the model's tokenizer has fingerprint "
+                         f"{fingerprint[:12]}; re-run prepare.py with this model's tokenizer")
+    if recorded["vocab_size"] > vocab_size:
+        raise SystemExit(f"{data_dir}/manifest.json: tokenizer vocab size {recorded['vocab_size']} exceeds the "
+                         f"model's vocab_size {vocab_size}")
+    return manifest

@@ -1,11 +1,10 @@
 """A Llama-family GPT in one file: RMSNorm, RoPE, grouped-query attention with one fused QKV projection and
-optional per-layer sliding windows, SwiGLU or plain MLPs per layer, a chunked cross-entropy that never holds
-the whole batch's fp32 logits, a KV cache for generation, and exact Hugging Face Llama interop."""
-import json
+optional per-layer sliding windows, SwiGLU or plain MLPs per layer, and a KV cache for generation.
+
+The forward pass returns the final normed hidden states; `logits` applies the LM head. Losses live in
+losses.py, which applies the head a chunk of tokens at a time so the whole batch's fp32 logits never exist.
+Loading and exporting Hugging Face / GGUF weights lives in hf_interop.py."""
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, fields
 
 import torch
@@ -244,55 +243,6 @@ class Block(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loss: cross-entropy over the vocabulary in row chunks
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean next-token CE of (hidden @ weight.T) without the (N, vocab) fp32 logits ever existing at once.
-
-    Each chunk's logits are formed, turned into its loss and (when a gradient is needed) straight into the
-    gradients for hidden and weight, then freed; backward only scales the stored gradients. This is the same
-    arithmetic as F.cross_entropy on full logits, in a fraction of the memory.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_rows, need_grad):
-        n_valid = (targets != -100).sum()
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
-        for start in range(0, hidden.shape[0], chunk_rows):
-            h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
-            logits = (h @ weight.t()).float()
-            valid = t != -100
-            safe_t = t.clamp(min=0)
-            log_z = torch.logsumexp(logits, dim=-1)
-            total += ((log_z - logits.gather(1, safe_t[:, None]).squeeze(1)) * valid).sum()
-            if need_grad:  # d(mean CE)/d logits = (softmax - onehot) / n_valid on valid rows
-                probs = logits.sub_(log_z[:, None]).exp_()
-                probs[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-                probs *= (valid.float() / n_valid.clamp(min=1))[:, None]
-                g = probs.to(weight.dtype)
-                grad_hidden[start:start + chunk_rows] = (g @ weight.to(g.dtype)).to(hidden.dtype)
-                grad_weight += (g.t() @ h.to(g.dtype)).float()
-        if need_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return total / n_valid
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
-                None, None, None)
-
-
-def chunked_cross_entropy(hidden, weight, targets, chunk_rows):
-    """Mean CE of hidden (N, C) @ weight (V, C).T against targets (N,), -100 ignored, in row chunks."""
-    # autograd.Function.forward always runs with grad disabled, so whether to build gradients is decided here
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return ChunkedCrossEntropy.apply(hidden, weight, targets, chunk_rows, need_grad)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # KV cache for generation
 
 class KVCache:
@@ -352,8 +302,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self.rope_cache = {}  # computed, never saved: (device, length) -> (cos, sin)
-        self.loss_chunk_rows = max(1, 2 ** 25 // config.vocab_size)  # ~128 MiB of fp32 logits per chunk
+        self.rope_cache = {}  # computed, never saved: device -> (cos, sin) for the longest length asked so far
 
     def init_weights(self, std=0.02):
         """From-scratch init: N(0, std), residual projections scaled by depth so the residual stream
@@ -376,9 +325,9 @@ class GPT(nn.Module):
         cos, sin = self.rope_cache[device]
         return cos[start:end], sin[start:end]
 
-    def forward(self, idx, targets=None, cache=None, return_hidden=False):
-        """idx (B, T) -> logits (B, T, vocab); with targets, the mean next-token loss (-100 ignored);
-        with return_hidden, the final normed hidden state (B, T, n_embd) for callers that chunk the head."""
+    def forward(self, idx, cache=None):
+        """idx (B, T) -> the final normed hidden states (B, T, n_embd). Callers apply the LM head: `logits`
+        for generation, losses.py in chunks of tokens for training and eval."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start > 0 and T > 1:  # decoding attends to every cached key without a mask: one new token only
@@ -390,13 +339,11 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache.layers[i] if cache is not None else None)
         if cache is not None:
             cache.advance(T)
-        x = self.norm(x)
-        if return_hidden:
-            return x
-        if targets is None:
-            return self.lm_head(x)
-        return chunked_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
-                                     self.loss_chunk_rows)
+        return self.norm(x)
+
+    def logits(self, idx, cache=None):
+        """idx (B, T) -> logits (B, T, vocab)."""
+        return self.lm_head(self(idx, cache))
 
     def new_cache(self, batch_size, max_len, device, dtype):
         return KVCache(self.config, batch_size, max_len, device, dtype)
@@ -422,202 +369,3 @@ class GPT(nn.Module):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
-
-    # ------------------------------------------------------------------------------------------------------
-    # Hugging Face interop
-
-    @classmethod
-    def from_pretrained(cls, path, revision=None):
-        """Load a Llama-family model: a local HF dir (config.json + *.safetensors, single or sharded),
-        a .gguf file (through transformers' dequantising loader), or a hub id (downloaded first)."""
-        if path.endswith(".gguf"):
-            config, state = _load_gguf(path)
-        else:
-            if not os.path.isdir(path):
-                if not looks_like_hub_id(path):
-                    raise FileNotFoundError(f"model path '{path}' does not exist (expected an HF model directory, "
-                                            f"a .gguf file or a hub id like HuggingFaceTB/SmolLM2-135M)")
-                path = download_snapshot(path, revision)
-            config_path = os.path.join(path, "config.json")
-            if not os.path.exists(config_path):
-                raise FileNotFoundError(f"'{config_path}' does not exist; expected a Hugging Face model directory")
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
-            state = _load_safetensors_dir(path)
-        gpt_config = config_from_hf(config, source=path)
-        model = cls(gpt_config)
-        model.load_state_dict(state_from_hf(state, gpt_config, source=path))
-        return model
-
-    def save_pretrained(self, out_dir, tokenizer_dir=None):
-        """Write an HF Llama directory that transformers.AutoModelForCausalLM loads (atomically: temp dir,
-        then rename). Only SwiGLU, full-attention layers are Llama; anything else is refused by layer."""
-        from safetensors.torch import save_file
-
-        c = self.config
-        bad = llama_incompatible_layers(c)
-        if bad:
-            raise ValueError(f"cannot export to Hugging Face Llama: layers {bad} are not SwiGLU with full attention "
-                             f"and intermediate size {c.mlp_hidden[0]} (mlp_kind={[c.mlp_kind[i] for i in bad]}, "
-                             f"window={[c.window[i] for i in bad]}); keep those checkpoints in our format")
-        state = state_to_hf(self.state_dict(), c)
-        parent = os.path.dirname(os.path.abspath(out_dir))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(config_to_hf(c), f, indent=2)
-        if tokenizer_dir:
-            for name in os.listdir(tokenizer_dir):
-                if name.startswith(("tokenizer", "special_tokens_map", "chat_template", "generation_config")):
-                    shutil.copy(os.path.join(tokenizer_dir, name), tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-        return out_dir
-
-
-def llama_incompatible_layers(c):
-    """Layers a Hugging Face Llama cannot express: non-SwiGLU MLPs, sliding windows, or a width other than
-    layer 0's (Llama has one intermediate_size)."""
-    return [i for i in range(c.n_layer) if c.mlp_kind[i] != "swiglu" or c.window[i] is not None
-            or c.mlp_hidden[i] != c.mlp_hidden[0]]
-
-
-def looks_like_hub_id(path):
-    """'owner/name' with no local meaning: not an existing path, not absolute or relative, one slash."""
-    return not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/", "~"))
-
-
-def download_snapshot(repo_id, revision=None, local_dir=None):
-    """Download an HF model repo's config, weights and tokenizer files (what from_pretrained reads)."""
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(repo_id, revision=revision, local_dir=local_dir,
-                             allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"])
-
-
-def config_from_hf(hf, source="config.json"):
-    """GPTConfig from an HF Llama config dict; anything we would silently get wrong is refused by name."""
-    if hf.get("model_type") != "llama":
-        raise ValueError(f"{source}: model_type = {hf.get('model_type')!r}; only Llama-family models "
-                         f"(model_type 'llama': SmolLM2, Llama 3.x, TinyLlama) are supported")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise ValueError(f"{source}: {key} = {hf[key]!r} is not supported (our projections have no bias)")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act = {hf['hidden_act']!r}; expected 'silu' (SwiGLU)")
-    for key in ("qk_norm", "use_qk_norm"):
-        if hf.get(key):
-            raise ValueError(f"{source}: {key} = {hf[key]!r} is not supported")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"} or None)
-    if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
-        raise ValueError(f"{source}: rope scaling {scaling!r} is not supported (only plain RoPE)")
-    if hf.get("sliding_window") is not None or hf.get("layer_types"):
-        if any(t != "full_attention" for t in hf.get("layer_types") or ["sliding"]):
-            raise ValueError(f"{source}: sliding_window/layer_types are not supported in Llama configs")
-    n_head = hf["num_attention_heads"]
-    return GPTConfig(
-        vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
-        n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_seq_len=hf.get("max_position_embeddings", 2048), mlp_kind="swiglu", mlp_hidden=hf["intermediate_size"])
-
-
-def config_to_hf(c):
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
-            "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden[0], "num_hidden_layers": c.n_layer,
-            "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
-            "hidden_act": "silu", "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.rms_norm_eps,
-            "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_embeddings, "attention_bias": False,
-            "mlp_bias": False, "torch_dtype": "float32"}
-
-
-def _hf_layer_names(i):
-    p = f"model.layers.{i}."
-    return {"q": p + "self_attn.q_proj.weight", "k": p + "self_attn.k_proj.weight", "v": p + "self_attn.v_proj.weight",
-            "o": p + "self_attn.o_proj.weight", "gate": p + "mlp.gate_proj.weight", "up": p + "mlp.up_proj.weight",
-            "down": p + "mlp.down_proj.weight", "attn_norm": p + "input_layernorm.weight",
-            "mlp_norm": p + "post_attention_layernorm.weight"}
-
-
-def state_from_hf(hf, c, source="checkpoint"):
-    """Rename HF Llama tensors to ours, fusing q/k/v and gate/up; unknown or missing tensors are errors."""
-    hf = dict(hf)
-    take = lambda name: _pop(hf, name, source)
-    state = {"embed.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
-    for i in range(c.n_layer):
-        n = _hf_layer_names(i)
-        state[f"blocks.{i}.attn.qkv.weight"] = torch.cat([take(n["q"]), take(n["k"]), take(n["v"])])
-        state[f"blocks.{i}.attn.proj.weight"] = take(n["o"])
-        state[f"blocks.{i}.mlp.gate_up.weight"] = torch.cat([take(n["gate"]), take(n["up"])])
-        state[f"blocks.{i}.mlp.down.weight"] = take(n["down"])
-        state[f"blocks.{i}.attn_norm.weight"] = take(n["attn_norm"])
-        state[f"blocks.{i}.mlp_norm.weight"] = take(n["mlp_norm"])
-    head = hf.pop("lm_head.weight", None)
-    state["lm_head.weight"] = state["embed.weight"] if c.tie_embeddings else head
-    if state["lm_head.weight"] is None:
-        raise ValueError(f"{source}: tie_word_embeddings is false but there is no 'lm_head.weight' tensor")
-    leftover = [k for k in hf if not k.endswith("rotary_emb.inv_freq")]
-    if leftover:
-        raise ValueError(f"{source}: unexpected tensors {leftover[:5]} (bias or a non-Llama layout?)")
-    return state
-
-
-def state_to_hf(state, c):
-    hf = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
-    q_size, kv_size = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-    for i in range(c.n_layer):
-        n = _hf_layer_names(i)
-        hf[n["q"]], hf[n["k"]], hf[n["v"]] = state[f"blocks.{i}.attn.qkv.weight"].split([q_size, kv_size, kv_size])
-        hf[n["o"]] = state[f"blocks.{i}.attn.proj.weight"]
-        hf[n["gate"]], hf[n["up"]] = state[f"blocks.{i}.mlp.gate_up.weight"].chunk(2)
-        hf[n["down"]] = state[f"blocks.{i}.mlp.down.weight"]
-        hf[n["attn_norm"]] = state[f"blocks.{i}.attn_norm.weight"]
-        hf[n["mlp_norm"]] = state[f"blocks.{i}.mlp_norm.weight"]
-    if not c.tie_embeddings:
-        hf["lm_head.weight"] = state["lm_head.weight"]
-    return hf
-
-
-def _pop(d, name, source):
-    if name not in d:
-        raise ValueError(f"{source}: tensor '{name}' is missing")
-    return d.pop(name)
-
-
-def _load_safetensors_dir(path):
-    from safetensors.torch import load_file
-
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in '{path}' "
-                                f"(PyTorch .bin checkpoints are pickles and are not loaded)")
-    state = {}
-    for name in files:
-        file = os.path.join(path, name)
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"shard '{file}' listed in the safetensors index does not exist")
-        state.update(load_file(file))
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-
-
-def _load_gguf(path):
-    """Dequantise a GGUF file with transformers' loader; returns (HF config dict, HF state dict)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"GGUF file '{path}' does not exist")
-    from transformers import AutoModelForCausalLM
-
-    folder, name = os.path.split(os.path.abspath(path))
-    hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = hf_model.config.to_dict()
-    return config, hf_model.state_dict()

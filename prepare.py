@@ -12,8 +12,10 @@ exactly SHARD_TOKENS. After every shard is renamed into place, the run's positio
 the other split's unfinished tokens) is saved, so a rerun continues at the last shard and writes byte-identical
 shards whatever the interruption. manifest.json is written last, as the mark that the directory is complete.
 """
+import contextlib
 import glob
 import hashlib
+import io
 import itertools
 import json
 import multiprocessing
@@ -49,7 +51,7 @@ SHARD_TOKENS = 100_000_000  # tokens per shard (at most data.MAX_SHARD_TOKENS); 
 VAL_FRACTION = 1 / 16  # share of documents (by hash of their text) that go to val; 1/16 fills both default budgets together
 WORKERS = 0  # tokenizer processes; 0 = one per CPU core
 DOCS_PER_BATCH = 256  # documents per read from the source and per task sent to a worker
-SMOKE_TEST = False  # tiny budgets and shards (below), into OUT_DIR + "_smoke" when OUT_DIR is the default
+SMOKE_TEST = False  # tiny budgets and shards (below), into OUT_DIR + "_smoke", where not set explicitly
 FORCE = False  # delete this OUT_DIR's shards, progress and manifest, then start over
 VERIFY: Optional[str] = None  # re-hash every shard of this dataset dir against its manifest.json, then exit
 
@@ -91,12 +93,32 @@ def wait_before_retry(what, failures, error):
     time.sleep(wait)
 
 
+def is_transient(error):
+    """Whether a network or hub hiccup can cause `error`, so that the same call may succeed later: an OSError
+    (ConnectionError, TimeoutError, a truncated read), a transport error of the hub client's httpx, or an HTTP
+    error from the hub other than a 4xx refusal (408 and 429 mean "later"). A missing or gated repo or dataset
+    stays so, and anything else is a bug or a bad input: waiting would only delay its traceback."""
+    # imported here: prepare.py's tokenizer workers re-import this file and never talk to the hub
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import httpx  # the httpx the hub client uses, whatever its package is called
+
+    if isinstance(error, HfHubHTTPError):
+        status = error.response.status_code
+        return not 400 <= status < 500 or status in (408, 429)
+    if isinstance(error, DatasetNotFoundError):
+        return False
+    return isinstance(error, (OSError, httpx.TransportError))
+
+
 def with_retries(what, fn):
-    """Call fn() until it succeeds, NETWORK_RETRIES tries at most."""
+    """Call fn() until it succeeds, NETWORK_RETRIES tries at most; an error that is not transient is raised at once."""
     for failures in itertools.count(1):
         try:
             return fn()
-        except Exception as e:  # the hub client raises many kinds (OSError, httpx, HfHubHTTPError)
+        except Exception as e:
+            if not is_transient(e):
+                raise
             wait_before_retry(what, failures, e)
 
 
@@ -233,7 +255,7 @@ def read_batches(source, state, first_doc):
         except StopIteration:
             return
         except Exception as e:
-            if source["kind"] != "hub":  # a local file that fails to read will fail again
+            if source["kind"] != "hub" or not is_transient(e):  # a local file that fails to read will fail again
                 raise
             failures += 1
             wait_before_retry(f"reading {source['dataset']}", failures, e)
@@ -522,9 +544,9 @@ def differences(old, new, prefix=""):
 
 
 def write_json(obj, path, indent=2):
-    # imported here, not at the top: common.py imports torch, and every tokenizer worker re-imports this file
-    # (spawn), where torch would cost ~1.5 s and ~150 MB of memory per worker for nothing
-    from common import atomic_write_text
+    # imported here, not at the top: checkpoints.py imports torch, and every tokenizer worker re-imports this
+    # file (spawn), where torch would cost ~1.5 s and ~150 MB of memory per worker for nothing
+    from checkpoints import atomic_write_text
 
     atomic_write_text(json.dumps(obj, indent=indent) + "\n", path)
 
@@ -533,21 +555,35 @@ def now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def configure_prepare(namespace):
+    """configure(), where --smoke-test puts the SMOKE_* sizes and OUT_DIR + "_smoke" in place of the defaults:
+    values set on the command line or in --config still win. Prints only the config that runs."""
+    # imported here, like checkpoints in write_json: the tokenizer workers re-import this file and need no torch
+    from config import configure
+
+    default_out_dir = namespace["OUT_DIR"]
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            config = configure(namespace)
+    except SystemExit:  # --help: what configure printed is the answer
+        print(printed.getvalue(), end="")
+        raise
+    if not config["smoke_test"]:
+        print(printed.getvalue(), end="")
+        return config
+    # --smoke-test is known only now: put its defaults in, then apply the same settings again over them
+    namespace.update(TRAIN_BYTES=config["smoke_train_bytes"], VAL_BYTES=config["smoke_val_bytes"],
+                     SHARD_TOKENS=config["smoke_shard_tokens"], OUT_DIR=default_out_dir + "_smoke")
+    return configure(namespace)
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    # imported here, like common in write_json: the tokenizer workers re-import this file and need no torch
-    from common import configure
-
-    default_out_dir = OUT_DIR
-    config = configure(globals())
+    config = configure_prepare(globals())
     if VERIFY:
         sys.exit(verify(VERIFY))
-    if SMOKE_TEST:
-        TRAIN_BYTES, VAL_BYTES, SHARD_TOKENS = SMOKE_TRAIN_BYTES, SMOKE_VAL_BYTES, SMOKE_SHARD_TOKENS
-        OUT_DIR = OUT_DIR + "_smoke" if OUT_DIR == default_out_dir else OUT_DIR
-        print(f"smoke test: train {TRAIN_BYTES} bytes, val {VAL_BYTES} bytes, {SHARD_TOKENS} tokens per shard, "
-              f"into {OUT_DIR}")
     if not 0 < SHARD_TOKENS <= MAX_SHARD_TOKENS or TRAIN_BYTES <= 0 or VAL_BYTES <= 0 or not 0 < VAL_FRACTION < 1:
         raise PrepareError(f"expected 0 < shard_tokens <= {MAX_SHARD_TOKENS}, positive byte budgets and 0 < val_fraction < 1; "
                            f"got shard_tokens={SHARD_TOKENS}, train_bytes={TRAIN_BYTES}, val_bytes={VAL_BYTES}, "

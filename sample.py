@@ -13,6 +13,7 @@ SmolLM2-135M on 2 CPU cores, decode is ~1.4x faster (29 -> 41 tokens/s in the RE
         --temperature 0
 """
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,9 @@ from typing import Optional
 
 import torch
 
-from common import configure, load_model, load_tokenizer, resolve_dtype, setup_device, tokenizer_source
+from config import configure
+from hf_interop import download_snapshot, is_hub_id, load_model, load_tokenizer, tokenizer_source
+from runtime import resolve_dtype, setup_device
 
 MODEL: Optional[str] = None  # checkpoint .pt, run dir, HF model dir, hub id or .gguf (the positional argument)
 PROMPT: Optional[str] = None  # prompt text; without it (and without --prompt-file) the prompt is read from stdin
@@ -45,26 +48,48 @@ THREADS = 0  # CPU threads for torch (0 = torch's default, one per core); on a b
 # ----------------------------------------------------------------------------------------------------------
 # Sampling
 
-def check_sampling_args(temperature, top_k, top_p, repetition_penalty):
-    if temperature < 0:
-        raise ValueError(f"temperature = {temperature}; expected >= 0 (0 = greedy)")
-    if top_k < 0:
-        raise ValueError(f"top_k = {top_k}; expected >= 0 (0 = off)")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p = {top_p}; expected a value in (0, 1] (1.0 = off)")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty = {repetition_penalty}; expected > 0 (1.0 = off)")
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen; out-of-range values are refused (ValueError) when it is made."""
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature = {self.temperature}; expected >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k = {self.top_k}; expected >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p = {self.top_p}; expected a value in (0, 1] (1.0 = off)")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty = {self.repetition_penalty}; expected > 0 (1.0 = off)")
+
+    @property
+    def greedy(self):
+        return self.temperature == 0 and self.repetition_penalty == 1.0
 
 
-def next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, generator):
+def check_prompt(prompt_ids, max_seq_len):
+    """Refuse (ValueError) a prompt that is empty or leaves no room in the model's context."""
+    if len(prompt_ids) == 0:
+        raise ValueError("the prompt is empty (0 tokens); generation needs at least one token to condition on")
+    if len(prompt_ids) >= max_seq_len:
+        raise ValueError(f"the prompt is {len(prompt_ids)} tokens but the model's context (max_seq_len) is "
+                         f"{max_seq_len}; shorten it to at most {max_seq_len - 1} tokens")
+
+
+def next_token(logits, seen, sampling, generator):
     """logits (B, V) fp32 of the last position -> next ids (B, 1). `seen` (B, V) bool marks tokens already in
     the sequence, for the repetition penalty. The order (penalty, temperature, top-k, top-p) is transformers'."""
-    if repetition_penalty != 1.0:
-        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+    top_k, top_p, penalty = sampling.top_k, sampling.top_p, sampling.repetition_penalty
+    if penalty != 1.0:
+        penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
         logits = torch.where(seen, penalised, logits)
-    if temperature == 0:
+    if sampling.temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
+    logits = logits / sampling.temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -78,7 +103,7 @@ def next_token(logits, seen, temperature, top_k, top_p, repetition_penalty, gene
     return torch.multinomial(probs, 1, generator=generator)
 
 
-def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+def generate(model, prompt_ids, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
              eos_ids=(), generator=None, dtype=None, compile=False):
     """An iterator of new token ids (ints) for one prompt (a list of ids), stopping after an EOS id (which is
     yielded) or after max_new_tokens, or where the model's context ends. The prompt is prefilled into the KV
@@ -89,22 +114,17 @@ def generate(model, prompt_ids, max_new_tokens, temperature=0.0, top_k=0, top_p=
     Raises ValueError right here, before any token, for a sampling argument out of range or a prompt that is
     empty or does not fit the model's context.
     """
-    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
-    limit = model.config.max_seq_len
-    if len(prompt_ids) == 0:
-        raise ValueError("the prompt is empty (0 tokens); generation needs at least one token to condition on")
-    if len(prompt_ids) >= limit:
-        raise ValueError(f"the prompt is {len(prompt_ids)} tokens but the model's context (max_seq_len) is "
-                         f"{limit}; shorten it to at most {limit - 1} tokens")
-    max_new_tokens = min(max_new_tokens, limit - len(prompt_ids))
-    return decode_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_ids,
-                         generator, dtype or model.embed.weight.dtype, compile)
+    sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+    check_prompt(prompt_ids, model.config.max_seq_len)
+    max_new_tokens = min(max_new_tokens, model.config.max_seq_len - len(prompt_ids))
+    return decode_tokens(model, prompt_ids, max_new_tokens, sampling, eos_ids, generator=generator,
+                         dtype=dtype or model.embed.weight.dtype, compile=compile)
 
 
 def decode_step(model, idx, cache, greedy=False):
     """idx (B, T) through the model into the cache -> fp32 logits (B, V) of the last position only, or with
     greedy, their argmax ids (B, 1): compiled, the argmax is one vectorised kernel, where ATen's takes ~0.1 ms."""
-    hidden = model(idx, cache=cache, return_hidden=True)[:, -1]
+    hidden = model(idx, cache)[:, -1]
     logits = model.lm_head(hidden).float()
     return logits.argmax(dim=-1, keepdim=True) if greedy else logits
 
@@ -119,8 +139,7 @@ torch._dynamo.config.use_recursive_dict_tags_for_guards = True
 
 
 @torch.inference_mode()
-def decode_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos_ids,
-                  generator, dtype, compile=False):
+def decode_tokens(model, prompt_ids, max_new_tokens, sampling, eos_ids, *, generator, dtype, compile=False):
     """generate's loop, for arguments it has checked."""
     if max_new_tokens <= 0:
         return
@@ -128,16 +147,16 @@ def decode_tokens(model, prompt_ids, max_new_tokens, temperature, top_k, top_p, 
     cache = model.new_cache(1, len(prompt_ids) + max_new_tokens, device, dtype)
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     seen = None
-    if repetition_penalty != 1.0:
+    if sampling.repetition_penalty != 1.0:
         seen = torch.zeros(1, model.config.vocab_size, dtype=torch.bool, device=device)
         seen[0, idx[0]] = True
     eos = set(eos_ids)
-    greedy = temperature == 0 and repetition_penalty == 1.0
+    greedy = sampling.greedy
     step = decode_step  # the prefill
     for _ in range(max_new_tokens):
         out = step(model, idx, cache, greedy)
         step = compiled_decode_step if compile else decode_step
-        idx = out if greedy else next_token(out, seen, temperature, top_k, top_p, repetition_penalty, generator)
+        idx = out if greedy else next_token(out, seen, sampling, generator)
         token = idx.item()
         yield token
         if token in eos:
@@ -196,9 +215,7 @@ def generation_config_dir(source):
     """The local dir that may hold a generation_config.json for `source`, or None (a .gguf, a checkpoint)."""
     if os.path.isdir(source):
         return source
-    from model import download_snapshot, looks_like_hub_id
-
-    if looks_like_hub_id(source):
+    if is_hub_id(source):
         return download_snapshot(source)  # already cached by from_pretrained / the tokenizer
     return None
 
@@ -245,6 +262,19 @@ class TextStream:
 # ----------------------------------------------------------------------------------------------------------
 # The script
 
+def check_settings():
+    """The numbers a user gives, refused before the model loads. generate refuses bad sampling values too, but a
+    ValueError from inside it is a bug that keeps its traceback."""
+    if NUM_SAMPLES < 1 or MAX_NEW_TOKENS < 1:
+        raise SystemExit(f"num_samples = {NUM_SAMPLES}, max_new_tokens = {MAX_NEW_TOKENS}; both must be >= 1")
+    if THREADS < 0:
+        raise SystemExit(f"threads = {THREADS}; expected >= 0 (0 = torch's default)")
+    try:
+        Sampling(TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY)
+    except ValueError as e:
+        raise SystemExit(f"sample.py: {e}")
+
+
 def main():
     # stdout carries only the generated text (so it can be piped); the effective config goes to stderr
     wants_help = any(a in ("-h", "--help") for a in sys.argv[1:])
@@ -253,10 +283,7 @@ def main():
     if MODEL is None:
         raise SystemExit("usage: python sample.py MODEL [--prompt TEXT | --prompt-file F | stdin] [--chat] ...; "
                          "MODEL is a checkpoint .pt, a run dir, an HF model dir, a hub id or a .gguf file")
-    if NUM_SAMPLES < 1 or MAX_NEW_TOKENS < 1:
-        raise SystemExit(f"num_samples = {NUM_SAMPLES}, max_new_tokens = {MAX_NEW_TOKENS}; both must be >= 1")
-    if THREADS < 0:
-        raise SystemExit(f"threads = {THREADS}; expected >= 0 (0 = torch's default)")
+    check_settings()
     if THREADS:  # decode is dozens of tiny ops per layer; threads that wait on a busy core stall every one of them
         torch.set_num_threads(THREADS)
     prompt = read_prompt(PROMPT, PROMPT_FILE)
@@ -282,39 +309,44 @@ def main():
     eos_ids = eos_token_ids(tokenizer, [MODEL] if checkpoint is None else [tok_source])
     generator = torch.Generator(device=env.device).manual_seed(SEED)
     room = model.config.max_seq_len - len(prompt_ids)  # generate stops where the model's context ends
-    if COMPILE and prompt_ids and room > 1:  # compile now, so that the tokens/s below measure decoding, not compiling
+    try:  # the prompt's length, checked for the user (generate refuses it too, as a ValueError)
+        check_prompt(prompt_ids, model.config.max_seq_len)
+    except ValueError as e:
+        raise SystemExit(f"sample.py: {e}")
+    if COMPILE and room > 1:  # compile now, so that the tokens/s below measure decoding, not compiling
         t0 = time.perf_counter()
         for _ in generate(model, prompt_ids, 2, dtype=dtype, compile=True):
             pass
         print(f"compiled the decode step in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     for i in range(NUM_SAMPLES):
-        try:  # generate checks the sampling arguments and the prompt's length when called, before any output
-            tokens = generate(model, prompt_ids, MAX_NEW_TOKENS, TEMPERATURE, TOP_K, TOP_P, REPETITION_PENALTY,
-                              eos_ids, generator, dtype, COMPILE)
-        except ValueError as e:
-            raise SystemExit(f"sample.py: {e}")
-        if i == 0 and MAX_NEW_TOKENS > room:  # said once, and only for a prompt that generate accepted
+        tokens = generate(model, prompt_ids, MAX_NEW_TOKENS, temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P,
+                          repetition_penalty=REPETITION_PENALTY, eos_ids=eos_ids, generator=generator, dtype=dtype,
+                          compile=COMPILE)
+        if i == 0 and MAX_NEW_TOKENS > room:  # said once
             print(f"note: generating at most {room} tokens, where the model's context of "
                   f"{model.config.max_seq_len} ends", file=sys.stderr)
         if NUM_SAMPLES > 1:
             print(f"---------- sample {i + 1}/{NUM_SAMPLES}", flush=True)
-        stream = TextStream(tokenizer, sys.stdout)
-        n, start = 0, time.perf_counter()
-        first = None
-        for token in tokens:
-            if first is None:
-                first = time.perf_counter()
-            n += 1
-            if token not in eos_ids:  # the end-of-turn marker ends the text, it is not part of it
-                stream.put(token)
-        stream.end()
-        end = time.perf_counter()
-        decode_tps = (n - 1) / (end - first) if n > 1 else float("nan")
-        print(f"[{n} tokens in {end - start:.2f} s: prefill {len(prompt_ids)} tokens in {first - start:.3f} s "
-              f"({len(prompt_ids) / (first - start):.0f} tokens/s), decode {decode_tps:.1f} tokens/s]",
-              file=sys.stderr)
+        stream_sample(tokens, tokenizer, eos_ids, len(prompt_ids))
 
+
+def stream_sample(tokens, tokenizer, eos_ids, prompt_len):
+    """Print the text of `tokens` (an iterator) as it is decoded, then its speed on stderr."""
+    stream = TextStream(tokenizer, sys.stdout)
+    n, start = 0, time.perf_counter()
+    first = None
+    for token in tokens:
+        if first is None:
+            first = time.perf_counter()
+        n += 1
+        if token not in eos_ids:  # the end-of-turn marker ends the text, it is not part of it
+            stream.put(token)
+    stream.end()
+    end = time.perf_counter()
+    decode_tps = (n - 1) / (end - first) if n > 1 else float("nan")
+    print(f"[{n} tokens in {end - start:.2f} s: prefill {prompt_len} tokens in {first - start:.3f} s "
+          f"({prompt_len / (first - start):.0f} tokens/s), decode {decode_tps:.1f} tokens/s]", file=sys.stderr)
 
 if __name__ == "__main__":
     main()

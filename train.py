@@ -22,9 +22,15 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import common
-from data import TokenLoader, load_shard, read_manifest, val_batches
+import checkpoints
+import losses
+from config import ConfigError, check_at_least, configure
+from data import TokenLoader, check_data_matches_tokenizer, load_shard, read_manifest, val_batches
+from hf_interop import load_model, load_tokenizer, tokenizer_source
 from model import GPT, GPTConfig
+from runtime import autocast, peak_flops, resolve_dtype, say, setup_device, shutdown
+from training import (changed_settings, guarded_step, lr_at, micro_batches, restore_training_state,
+                      save_run_checkpoint, set_lr)
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults: every one can be set in a YAML file (lower-case key) or on the command line (--name value)
@@ -61,70 +67,59 @@ DTYPE = "auto"  # auto (bf16 autocast where the GPU supports it, fp32 otherwise)
 LOG_EVERY = 10  # print a log line every N steps (metrics.jsonl gets every step)
 WANDB_PROJECT: Optional[str] = None  # also log to this W&B project when wandb is installed and WANDB_API_KEY set
 
-config = common.configure(globals())
+config = configure(globals())
 
 # ----------------------------------------------------------------------------------------------------------
 # Check the settings before anything slow happens
 
 if LR_SCHEDULE not in ("trapezoid", "cosine", "constant"):
-    raise common.ConfigError(f"lr_schedule = {LR_SCHEDULE!r}; expected trapezoid, cosine or constant")
-common.check_at_least(globals(), 1, ("BATCH_SIZE", "SEQ_LEN", "GRAD_ACCUM", "EVAL_TOKENS", "LOG_EVERY"))
-common.check_at_least(globals(), 0, ("MAX_STEPS", "WARMUP_STEPS", "EVAL_EVERY", "CHECKPOINT_EVERY", "KEEP_CHECKPOINTS"))
+    raise ConfigError(f"lr_schedule = {LR_SCHEDULE!r}; expected trapezoid, cosine or constant")
+check_at_least(globals(), 1, ("BATCH_SIZE", "SEQ_LEN", "GRAD_ACCUM", "EVAL_TOKENS", "LOG_EVERY"))
+check_at_least(globals(), 0, ("MAX_STEPS", "WARMUP_STEPS", "EVAL_EVERY", "CHECKPOINT_EVERY", "KEEP_CHECKPOINTS"))
 if TARGET_TOKENS is not None and TARGET_TOKENS < 1:
-    raise common.ConfigError(f"target_tokens = {TARGET_TOKENS}; expected a positive int or none")
+    raise ConfigError(f"target_tokens = {TARGET_TOKENS}; expected a positive int or none")
 if RESUME and INIT_FROM:
-    raise common.ConfigError(f"resume and init_from ({INIT_FROM!r}) both given: --resume continues run_dir "
+    raise ConfigError(f"resume and init_from ({INIT_FROM!r}) both given: --resume continues run_dir "
                              f"'{RUN_DIR}' from its own latest checkpoint; drop one of them")
 if IGNORE_PRIOR_SCHEDULE and RESUME:
-    raise common.ConfigError("ignore_prior_schedule with resume: to keep only the weights of a run, start a new "
+    raise ConfigError("ignore_prior_schedule with resume: to keep only the weights of a run, start a new "
                              f"run dir with --init-from {RUN_DIR} --ignore-prior-schedule")
 if EVAL_ONLY and not (INIT_FROM or RESUME):
-    raise common.ConfigError("eval_only needs a model: --init-from PATH (checkpoint, run dir, HF dir, hub id, "
+    raise ConfigError("eval_only needs a model: --init-from PATH (checkpoint, run dir, HF dir, hub id, "
                              ".gguf) or --resume to evaluate run_dir's latest checkpoint")
 
 # ----------------------------------------------------------------------------------------------------------
 # Device, precision, DDP
 
-env = common.setup_device(DEVICE)
+env = setup_device(DEVICE)
 master = env.is_master
-dtype = common.resolve_dtype(DTYPE, env.device_type)
+dtype = resolve_dtype(DTYPE, env.device_type)
 if dtype == torch.float16:
-    raise common.ConfigError("dtype = float16 needs loss scaling, which train.py does not do; use bfloat16 or float32")
-ctx = common.autocast(env.device_type, dtype)
-if env.device_type == "cuda":
-    torch.set_float32_matmul_precision("high")  # fp32 matmuls outside autocast may use TF32 on the GPU
+    raise ConfigError("dtype = float16 needs loss scaling, which train.py does not do; use bfloat16 or float32")
+ctx = autocast(env.device_type, dtype)
 torch.manual_seed(SEED)
-
-
-def say(*args):
-    if master:
-        tqdm.write(" ".join(str(a) for a in args))
-
-
-def shutdown():
-    if env.ddp and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The model, its tokenizer, and where training starts from
 
-if not RESUME and not EVAL_ONLY and common.complete_checkpoints(RUN_DIR):
-    raise SystemExit(f"run dir '{RUN_DIR}' already holds checkpoints ({common.latest_checkpoint(RUN_DIR)}); "
+existing = checkpoints.newest_checkpoint(RUN_DIR, "step_")
+if existing and not RESUME and not EVAL_ONLY:
+    raise SystemExit(f"run dir '{RUN_DIR}' already holds checkpoints ({existing}); "
                      f"pass --resume to continue it, or choose a new --run-dir")
 
 checkpoint = None  # the checkpoint we start from, if any
 if RESUME:
-    path = common.latest_checkpoint(RUN_DIR)
+    path = checkpoints.newest_checkpoint(RUN_DIR, "step_")
     if path is None:
         raise SystemExit(f"--resume: run dir '{RUN_DIR}' has no complete checkpoint (step_XXXXXX.pt with its "
                          f".json); nothing to resume")
-    model, checkpoint = common.load_model(path)
-    tokenizer_src = TOKENIZER or common.tokenizer_source(path, checkpoint)
+    model, checkpoint = load_model(path)
+    tokenizer_src = TOKENIZER or tokenizer_source(path, checkpoint)
     start_source = path
 elif INIT_FROM:
-    model, checkpoint = common.load_model(INIT_FROM)
-    tokenizer_src = TOKENIZER or common.tokenizer_source(INIT_FROM, checkpoint)
+    model, checkpoint = load_model(INIT_FROM)
+    tokenizer_src = TOKENIZER or tokenizer_source(INIT_FROM, checkpoint)
     start_source = INIT_FROM
 else:
     if not TOKENIZER:
@@ -133,7 +128,7 @@ else:
                          f"'{manifest_source}')")
     tokenizer_src = TOKENIZER
     start_source = "scratch"
-tokenizer = common.load_tokenizer(tokenizer_src)
+tokenizer = load_tokenizer(tokenizer_src)
 if checkpoint is None and not INIT_FROM:
     model_fields = dict(MODEL_CONFIG)
     # a multiple of 64 keeps the embedding and LM-head matmuls on fast kernel shapes
@@ -141,18 +136,18 @@ if checkpoint is None and not INIT_FROM:
     try:
         model = GPT(GPTConfig.from_dict(model_fields)).init_weights()
     except (TypeError, ValueError) as e:
-        raise common.ConfigError(f"model_config {MODEL_CONFIG!r}: {e}")
+        raise ConfigError(f"model_config {MODEL_CONFIG!r}: {e}")
 elif MODEL_CONFIG:
     say(f"note: model_config is ignored, the architecture comes from {start_source}")
 model_config = model.config
 vocab_size = model_config.vocab_size
 
 # Refuse data made with another tokenizer, or holding ids the embedding does not have, before step 0.
-common.check_data_matches_tokenizer(DATA_DIR, tokenizer, vocab_size)
+check_data_matches_tokenizer(DATA_DIR, tokenizer, vocab_size)
 manifest = read_manifest(DATA_DIR)
 val_available = sum(s["ntok"] for s in manifest["shards"] if s["split"] == "val")
 if min(EVAL_TOKENS, val_available) < BATCH_SIZE * SEQ_LEN + 1:  # refused now rather than at the first eval
-    raise common.ConfigError(f"eval_tokens = {EVAL_TOKENS} and '{DATA_DIR}' has {val_available} val tokens, but one "
+    raise ConfigError(f"eval_tokens = {EVAL_TOKENS} and '{DATA_DIR}' has {val_available} val tokens, but one "
                              f"eval window is batch_size x seq_len + 1 = {BATCH_SIZE * SEQ_LEN + 1} tokens")
 train_shards = [s for s in manifest["shards"] if s["split"] == "train"]
 largest_id = torch.zeros((), dtype=torch.int64, device=env.device)
@@ -167,13 +162,14 @@ if not EVAL_ONLY and int(largest_id) >= vocab_size:
 
 model.to(env.device)
 raw_model = model  # the plain module: what is saved, clipped and evaluated
+chunk_rows = losses.default_chunk_rows(vocab_size)  # the LM head runs on this many tokens at a time
 
 
 def evaluate(eval_model):
     """Mean val loss over the first EVAL_TOKENS val tokens; the same windows for any world size."""
-    batches = val_batches(DATA_DIR, BATCH_SIZE, SEQ_LEN, EVAL_TOKENS, env.rank, env.world_size, env.device,
-                          vocab_size)
-    return common.evaluate_loss(eval_model, batches, env, ctx)
+    batches = val_batches(DATA_DIR, BATCH_SIZE, SEQ_LEN, EVAL_TOKENS, env.rank, env.world_size, device=env.device,
+                          vocab_size=vocab_size)
+    return losses.evaluate(eval_model, batches, env, ctx, chunk_rows=chunk_rows)["val_ce"]
 
 
 if EVAL_ONLY:
@@ -184,7 +180,7 @@ if EVAL_ONLY:
     if master:
         print("eval_only: " + json.dumps({"model": start_source, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
                                           "val_tokens": val_tokens, "seconds": round(time.perf_counter() - t0, 2)}))
-    shutdown()
+    shutdown(env)
     raise SystemExit(0)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,15 +191,16 @@ max_steps = math.ceil(TARGET_TOKENS / tokens_per_step) if TARGET_TOKENS is not N
 config["max_steps"] = max_steps  # what the schedule actually uses, saved with the run
 optimizer = raw_model.configure_optimizer(LR, WEIGHT_DECAY, BETAS, env.device_type)
 # every train shard was scanned for ids >= vocab_size before step 0, so the loader need not scan them again
-loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, env.rank, env.world_size, env.device)
+loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, rank=env.rank, world_size=env.world_size,
+                     device=env.device)
 
 step = 0  # optimizer steps done; the LR schedule and the checkpoint names count these
 continue_schedule = checkpoint is not None and not IGNORE_PRIOR_SCHEDULE
 if continue_schedule:
-    step = common.restore_training_state(checkpoint, optimizer, loader, start_source, "pass --ignore-prior-schedule "
-                                         "to start a new schedule from its weights", BETAS, WEIGHT_DECAY)
+    step = restore_training_state(checkpoint, optimizer, loader, start_source, "pass --ignore-prior-schedule "
+                                  "to start a new schedule from its weights")
     prior = checkpoint.get("config", {})
-    changed = common.changed_settings(prior, config, ignore=("resume", "init_from", "run_dir", "eval_only"))
+    changed = changed_settings(prior, config, ignore=("resume", "init_from", "run_dir", "eval_only"))
     saved_world = checkpoint.get("world_size", env.world_size)
     if changed or saved_world != env.world_size:
         say(f"note: settings changed since {start_source} (saved, now): {changed}"
@@ -218,16 +215,14 @@ if env.ddp:
 # ----------------------------------------------------------------------------------------------------------
 # Run dir: effective config, tokenizer copy, metrics (only rank 0 writes)
 
-metrics = common.MetricsLog(RUN_DIR, enabled=master)
+metrics = checkpoints.MetricsLog(RUN_DIR, enabled=False)
 if master:
-    os.makedirs(RUN_DIR, exist_ok=True)
-    common.atomic_write_text(json.dumps({**config, "world_size": env.world_size, "tokens_per_step": tokens_per_step,
-                                         "model_config": dataclasses.asdict(model_config)}, indent=2) + "\n",
-                             os.path.join(RUN_DIR, "config.json"))
-    common.save_tokenizer_copy(tokenizer, RUN_DIR)
     # on resume the records after the checkpoint's step are about to be redone; a fresh run drops what a run
     # that never reached a checkpoint left behind
-    common.trim_metrics(metrics.path, {"step": step} if RESUME else None)
+    metrics = checkpoints.start_run_dir(RUN_DIR, {**config, "world_size": env.world_size,
+                                                  "tokens_per_step": tokens_per_step,
+                                                  "model_config": dataclasses.asdict(model_config)},
+                                        tokenizer, {"step": step} if RESUME else None)
 
 wandb_run = None
 if master and WANDB_PROJECT:
@@ -250,10 +245,10 @@ def log(**record):
 
 def save(step, val_loss):
     """A resumable checkpoint (every rank first checks that the weights are finite)."""
-    common.save_run_checkpoint(
+    save_run_checkpoint(
         os.path.join(RUN_DIR, f"step_{step:06d}.pt"), raw_model,
         {"model_config": dataclasses.asdict(model_config), "config": config, "step": step, "tokenizer": tokenizer_src,
-         "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": common.rng_state(),
+         "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": checkpoints.rng_state(),
          "world_size": env.world_size, "tokens": step * tokens_per_step, "val_loss": val_loss},
         env, KEEP_CHECKPOINTS, "step_")
 
@@ -263,7 +258,7 @@ def save(step, val_loss):
 
 flops_per_token = raw_model.flops_per_token(SEQ_LEN)
 # the known peaks are bf16 dense FLOP/s; for other precisions, or an unknown device, no MFU beats a wrong one
-peak = common.peak_flops(env.device) if dtype == torch.bfloat16 else None
+peak = peak_flops(env.device) if dtype == torch.bfloat16 else None
 say(f"model: {start_source} | {raw_model.num_params() / 1e6:.2f}M params | vocab {vocab_size} | "
     f"device {env.device} x{env.world_size} | {str(dtype).replace('torch.', '')}")
 say(f"tokens per step: {tokens_per_step:,} = batch {BATCH_SIZE} x seq {SEQ_LEN} x accum {GRAD_ACCUM} x world "
@@ -275,26 +270,26 @@ if step == 0 and EVAL_EVERY > 0 and max_steps > 0:
     say(f"step 0 | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
     log(step=0, val_loss=val_loss, val_ppl=math.exp(val_loss))
 
-params = [p for p in raw_model.parameters() if p.requires_grad]
 progress = tqdm(total=max_steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
 window_start, window_steps, last_saved = time.perf_counter(), 0, None
 t_last = time.perf_counter()
 epoch = loader.epoch  # passes over the train stream so far; it wraps at the end
 while step < max_steps:
-    lr = common.lr_at(step, max_steps, LR, WARMUP_STEPS, LR_SCHEDULE, COOLDOWN_FRAC, MIN_LR_FRAC)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    lr = lr_at(step, max_steps, LR, WARMUP_STEPS, schedule=LR_SCHEDULE, cooldown_frac=COOLDOWN_FRAC,
+               min_lr_frac=MIN_LR_FRAC)
+    set_lr(optimizer, lr)
     # Micro-step k of rank r reads loader window (step * GRAD_ACCUM + k) * world + r, so one process with
     # GRAD_ACCUM = 2 sees exactly the tokens two processes with GRAD_ACCUM = 1 see at the same step.
     loss_sum = torch.zeros((), device=env.device)
-    for x, y, sync in common.micro_batches(model, loader, GRAD_ACCUM, env):
+    for x, y, sync in micro_batches(model, loader, GRAD_ACCUM, env):
         with sync:
             with ctx:
-                loss = model(x, y)
+                hidden = model(x).flatten(0, 1)
+                loss, _, _ = losses.head_loss(hidden, raw_model.lm_head.weight, y.reshape(-1), chunk_rows=chunk_rows)
             (loss / GRAD_ACCUM).backward()
         loss_sum += loss.detach()
-    (loss_value,), norm_value = common.clip_and_step(optimizer, params, GRAD_CLIP, (loss_sum / GRAD_ACCUM).view(1),
-                                                     env, RUN_DIR, step)
+    (loss_value,), norm_value = guarded_step(optimizer, (loss_sum / GRAD_ACCUM).view(1), env, GRAD_CLIP, RUN_DIR,
+                                             step)
     step += 1
 
     now = time.perf_counter()
@@ -331,7 +326,7 @@ progress.close()
 if last_saved is None:
     say(f"nothing to do: {start_source} is already at step {step}, max_steps is {max_steps}")
 else:
-    say(f"done: step {step}, val loss {val_loss:.4f}, checkpoint {common.latest_checkpoint(RUN_DIR)}")
+    say(f"done: step {step}, val loss {val_loss:.4f}, checkpoint {checkpoints.newest_checkpoint(RUN_DIR, 'step_')}")
 if wandb_run is not None:
     wandb_run.finish()
-shutdown()
+shutdown(env)

@@ -4,11 +4,11 @@
    full teacher and the full student forward (and the backward) for every step, on the same batches and steps.
    Both use LATENT=student, where the two compute the same thing (the student's own latent entering layer i),
    so the final weights are compared as well. Alternating runs; the best time of each is reported.
-2. Phase-2 peak memory of the KD + CE loss, chunked (distill.distill_loss) against unchunked (both models' full
+2. Phase-2 peak memory of the KD + CE loss, chunked (losses.head_loss) against unchunked (both models' full
    fp32 logits, F.log_softmax, autograd), forward + backward. On CPU each variant runs in its own process and
    reports its peak RSS above what it held before the loss; on a GPU, torch.cuda.max_memory_allocated.
 3. (--part eval) Phase 1's per-layer evals over one rotation: the teacher's val hidden states computed once
-   (distill.teacher_val_hidden) against a teacher forward in every eval; the numbers must be identical.
+   (losses.teacher_val_hidden) against a teacher forward in every eval; the numbers must be identical.
 
     python bench/bench_distill.py                       # 1 and 2, a few minutes on a laptop CPU
     python bench/bench_distill.py --part rotation --seq-len 256 --steps-per-layer 4
@@ -26,8 +26,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import checkpoints  # noqa: E402
 import distill  # noqa: E402
+import losses as losses_module  # noqa: E402
+from layer_cache import LayerCache, batch_index, layer_loss  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from runtime import setup_device  # noqa: E402
+from student import build_student, layer_target, set_trainable, student_config  # noqa: E402
 
 
 def smollm2_teacher(seed=0):
@@ -36,21 +41,18 @@ def smollm2_teacher(seed=0):
 
 
 def cached_rotation(teacher, student, tokens, steps, target, ctx, env):
-    """distill.py's phase 1 (LATENT=student), without checkpoints and evals."""
+    """distill.py's phase 1 (LATENT=student): its LayerCache and layer_step, without checkpoints and evals."""
     losses = []
-    cache = distill.start_cache(teacher, tokens, True, "cpu")
-    cos, sin = student.rope(0, tokens[0].shape[1], "cpu")
+    run = distill.Run(distill.read_settings(["--run-dir", "unused", "--target-trainable", target])[0], {}, env, ctx,
+                      checkpoints.MetricsLog("unused", enabled=False), "", teacher, student)
+    cache = LayerCache(teacher, student, tokens, "cpu", ctx, latent="student", target=target)
     for i in range(student.config.n_layer):
-        distill.advance_cache(cache, teacher, student, i, ctx)
-        inputs, targets = distill.layer_io(cache, teacher, student, i, target, ctx)
-        block = student.blocks[i]
-        params = distill.set_trainable(student, distill.target_modules(block, target))
+        cache.begin_layer(i)
+        set_trainable(student, layer_target(student.blocks[i], target))
         optimizer = student.configure_optimizer(1e-3, 0.0, (0.9, 0.95), "cpu")
         for s in range(steps):
-            b = distill.batch_index(0, 0, i, s, len(tokens))
-            losses.append(distill.layer_step(block, optimizer, params, inputs[b], targets[b], 1e-3, target, cos, sin,
-                                             ctx, env).item())
-        distill.finish_layer(cache, student, i, inputs, targets, target, ctx)
+            losses.append(distill.layer_step(run, cache, optimizer, batch_index(0, 0, i, s, len(tokens)), 1e-3, s))
+        cache.end_layer()
     return losses
 
 
@@ -60,18 +62,18 @@ def naive_rotation(teacher, student, tokens, steps, target, ctx, env):
     losses = []
     for i in range(student.config.n_layer):
         block = student.blocks[i]
-        distill.set_trainable(student, distill.target_modules(block, target))
+        set_trainable(student, layer_target(block, target))
         optimizer = student.configure_optimizer(1e-3, 0.0, (0.9, 0.95), "cpu")
         seen = {}
         hooks = [teacher.blocks[i].register_forward_hook(lambda m, a, out: seen.__setitem__("target", out)),
                  block.register_forward_hook(lambda m, a, out: seen.__setitem__("io", (a[0], out)))]
         for s in range(steps):
-            x = tokens[distill.batch_index(0, 0, i, s, len(tokens))]
+            x = tokens[batch_index(0, 0, i, s, len(tokens))]
             with torch.no_grad():
-                teacher(x, return_hidden=True)
-            student(x, return_hidden=True)
+                teacher(x)
+            student(x)
             base, out = seen["io"]  # the MSE does not depend on the base (it cancels)
-            loss = distill.layer_loss(out, seen["target"], base)
+            loss = layer_loss(out, seen["target"], base)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -83,17 +85,17 @@ def naive_rotation(teacher, student, tokens, steps, target, ctx, env):
 
 def bench_rotation(args):
     torch.set_num_threads(args.threads)
-    env = distill.common.setup_device("cpu")
+    env = setup_device("cpu")
     ctx = torch.autocast("cpu", enabled=False)
     teacher = smollm2_teacher()
-    config = distill.student_config(teacher.config, "relu2")
+    config = student_config(teacher.config, "relu2")
     torch.manual_seed(1)
     tokens = [torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len)) for _ in range(args.num_batches)]
     print(f"phase-1 rotation: SmolLM2-135M shape ({config.n_layer} layers, n_embd {config.n_embd}), student MLP "
           f"relu2 {config.mlp_hidden[0]}, target {args.target}, latent student | {args.num_batches} batches of "
           f"{args.batch_size}x{args.seq_len}, {args.steps_per_layer} steps per layer "
           f"({config.n_layer * args.steps_per_layer} steps) | torch threads {torch.get_num_threads()}")
-    initial, _ = distill.build_student(teacher, config)
+    initial, _ = build_student(teacher, config)
     times = {"cached": [], "naive": []}
     losses = {}
     for rep in range(args.repeats):
@@ -117,10 +119,10 @@ def bench_eval(args):
     """Per-layer eval of phase 1: the teacher's val hidden states computed once per run (distill.py) against a
     teacher forward in every eval (before). Same val windows, same numbers."""
     torch.set_num_threads(args.threads)
-    env = distill.common.setup_device("cpu")
+    env = setup_device("cpu")
     ctx = torch.autocast("cpu", enabled=False)
     teacher = smollm2_teacher()
-    student, _ = distill.build_student(teacher, distill.student_config(teacher.config, "relu2"))
+    student, _ = build_student(teacher, student_config(teacher.config, "relu2"))
     torch.manual_seed(2)
     batches = [(torch.randint(0, teacher.config.vocab_size, (args.batch_size, args.seq_len)),) * 2
                for _ in range(args.num_batches)]
@@ -131,9 +133,10 @@ def bench_eval(args):
     for rep in range(args.repeats):
         for name in times:
             t0 = time.perf_counter()
-            cached = distill.teacher_val_hidden(teacher, batches, ctx) if name == "cached" else None
+            cached = losses_module.teacher_val_hidden(teacher, batches, ctx) if name == "cached" else None
             for _ in range(n_evals):
-                results[name] = distill.evaluate_student(student, batches, env, ctx, args.chunk, teacher, cached)
+                results[name] = losses_module.evaluate(student, batches, env, ctx, chunk_rows=args.chunk,
+                                                       teacher=teacher, teacher_hidden=cached)
             times[name].append(time.perf_counter() - t0)
             print(f"  repeat {rep}: {name:15s} {times[name][-1]:8.2f} s")
     best = {k: min(v) for k, v in times.items()}
@@ -161,13 +164,14 @@ def loss_peak_child(mode, rows, chunk):
         before = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     if mode == "chunked":
-        loss, _, _ = distill.distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, 0.5, 1.0, 0, chunk)
+        loss, _, _ = losses_module.head_loss(hidden, weight, targets, teacher=(teacher_hidden, teacher_weight),
+                                             alpha=0.5, chunk_rows=chunk)
     else:
         logits = (hidden @ weight.t()).float()
         with torch.no_grad():
             teacher_logits = (teacher_hidden @ teacher_weight.t()).float()
         ce = torch.nn.functional.cross_entropy(logits, targets)
-        loss = 0.5 * distill.kl_full(logits, teacher_logits).mean() + 0.5 * ce
+        loss = 0.5 * losses_module.kl_full(logits, teacher_logits).mean() + 0.5 * ce
     loss.backward()
     if device == "cuda":
         torch.cuda.synchronize()

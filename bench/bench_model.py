@@ -22,8 +22,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import autocast, resolve_dtype  # noqa: E402
-from model import GPT, GPTConfig, config_to_hf, state_to_hf  # noqa: E402
+from losses import default_chunk_rows, head_loss  # noqa: E402
+from runtime import autocast, resolve_dtype  # noqa: E402
+from hf_interop import config_to_hf, state_to_hf  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
 
 SMOLLM2_135M = dict(vocab_size=49152, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, head_dim=64, mlp_hidden=1536,
                     rope_theta=100000.0, tie_embeddings=True, max_seq_len=8192)
@@ -42,6 +44,12 @@ def build_models(device, seed=0):
     return ours, theirs
 
 
+def ours_loss(model, x, y):
+    """train.py's loss: the hidden states, then the LM head and CE a chunk of tokens at a time."""
+    return head_loss(model(x).flatten(0, 1), model.lm_head.weight, y.flatten(),
+                     chunk_rows=default_chunk_rows(model.config.vocab_size))[0]
+
+
 def make_step(name, model, batch, mode, device_type, dtype):
     """A closure running one training step (forward, backward, AdamW) or one forward pass."""
     x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
@@ -49,14 +57,14 @@ def make_step(name, model, batch, mode, device_type, dtype):
     if mode == "forward":
         def step():
             with torch.no_grad(), ctx:
-                model(x) if name == "ours" else model(input_ids=x).logits
+                model.logits(x) if name == "ours" else model(input_ids=x).logits
         return step
     # the same optimizer for both: AdamW with its fused kernel (CPU and GPU), which has no foreach temporaries
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
     def step():
         with ctx:
-            loss = model(x, y) if name == "ours" else model(input_ids=x, labels=y, shift_labels=y).loss
+            loss = ours_loss(model, x, y) if name == "ours" else model(input_ids=x, labels=y, shift_labels=y).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

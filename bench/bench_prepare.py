@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from common import configure  # noqa: E402
+from config import configure  # noqa: E402
 
 CORPUS_MB = 16  # size of the synthetic pseudo-English corpus (fineweb-like document lengths); ~2 min at defaults
 WORKERS_LIST = [1, 2]  # parallelism levels to measure

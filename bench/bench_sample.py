@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import configure  # noqa: E402
-from model import GPT  # noqa: E402
+from config import configure  # noqa: E402
+from hf_interop import from_pretrained  # noqa: E402
 from sample import generate  # noqa: E402
 
 MODEL: Optional[str] = None  # an HF Llama dir to benchmark; None = random weights in the SmolLM2-135M shape
@@ -49,10 +49,10 @@ if MODEL is None:
     hf = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = GPT.from_pretrained(tmp).eval()
+        ours = from_pretrained(tmp).eval()
 else:
     hf = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
-    ours = GPT.from_pretrained(MODEL).eval()
+    ours = from_pretrained(MODEL).eval()
 hf.generation_config.eos_token_id = None  # both sides generate exactly the requested number of tokens
 hf.generation_config.pad_token_id = 0
 prompt = torch.randint(0, ours.config.vocab_size, (PROMPT_TOKENS,)).tolist()

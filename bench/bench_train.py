@@ -26,7 +26,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
-from common import autocast, resolve_dtype  # noqa: E402
+from losses import default_chunk_rows, head_loss  # noqa: E402
+from runtime import autocast, resolve_dtype  # noqa: E402
 from data import HEADER_BYTES, TokenLoader, tokenizer_fingerprint, write_shard  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
@@ -85,7 +86,8 @@ def bare_step_times(shape, windows, args, device_type, dtype):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with ctx:
-            loss = model(x, y)
+            loss = head_loss(model(x).flatten(0, 1), model.lm_head.weight, y.flatten(),
+                             chunk_rows=default_chunk_rows(model.config.vocab_size))[0]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

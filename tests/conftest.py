@@ -56,6 +56,12 @@ def run_script(script, *args, env=None, check=True, timeout=600):
     return proc
 
 
+def torchrun(script, nproc, *args):
+    """The command line that runs one of the repo's scripts under torchrun with `nproc` local processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            os.path.join(REPO, script), *map(str, args)]
+
+
 @pytest.fixture(scope="session")
 def bpe_tokenizer_dir(tmp_path_factory):
     """A small byte-level BPE (vocab 512) saved as a Hugging Face tokenizer dir; id 0 is <|endoftext|>."""

@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent('''
     import json, sys
     from typing import Optional
     sys.path.insert(0, {repo!r})
-    from common import configure
+    from config import configure
     from data import MAGIC  # an imported constant: a tool of the script, never one of its settings
 
     LEARNING_RATE = 3e-4  # peak learning rate

@@ -7,17 +7,22 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, english_like_documents, make_tiny_llama, run_script, write_token_dataset
+from conftest import REPO, english_like_documents, make_tiny_llama, run_script, torchrun, write_token_dataset
 from model import GPT, GPTConfig
 
-import common
+import checkpoints
+import config
 import distill
+import layer_cache
+import losses
+import runtime
+import student as student_module
+from layer_cache import LayerCache
 
 ENV = {"OMP_NUM_THREADS": "1"}  # two processes of torchrun on two cores: no oversubscription
 TINY = ["--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--seq-len", "32", "--eval-tokens", "1024",
@@ -42,7 +47,7 @@ def tiny_gpt(seed=0, **overrides):
 
 
 def env1():
-    return distill.common.setup_device("cpu")
+    return runtime.setup_device("cpu")
 
 
 def hidden_states(model, x):
@@ -62,11 +67,11 @@ def test_topk_kl_with_k_equal_to_vocab_equals_full_kl_and_smaller_k_bounds_it_fr
     torch.manual_seed(0)
     s, t = torch.randn(16, 50) * 3, torch.randn(16, 50) * 3
     for temperature in (1.0, 2.0):
-        full = distill.kl_full(s, t, temperature)
-        torch.testing.assert_close(distill.kl_topk(s, t, 50, temperature), full, rtol=1e-5, atol=1e-6)
+        full = losses.kl_full(s, t, temperature)
+        torch.testing.assert_close(losses.kl_topk(s, t, 50, temperature), full, rtol=1e-5, atol=1e-6)
         previous = torch.zeros(16)
         for k in (1, 5, 20, 49):  # coarser buckets lose divergence: 0 <= KL_k <= KL_k' <= KL_full for k < k'
-            topk = distill.kl_topk(s, t, k, temperature)
+            topk = losses.kl_topk(s, t, k, temperature)
             assert (topk >= previous - 1e-5).all() and (topk <= full + 1e-5).all()
             previous = topk
     # one row by hand: teacher top-2 buckets plus the tail, against the student's masses on the same ids
@@ -74,19 +79,19 @@ def test_topk_kl_with_k_equal_to_vocab_equals_full_kl_and_smaller_k_bounds_it_fr
     ids = p.topk(2).indices
     P = torch.cat([p[ids], (1 - p[ids].sum()).view(1)])
     Q = torch.cat([q[ids], (1 - q[ids].sum()).view(1)])
-    torch.testing.assert_close(distill.kl_topk(s[:1], t[:1], 2)[0], (P * (P / Q).log()).sum(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(losses.kl_topk(s[:1], t[:1], 2)[0], (P * (P / Q).log()).sum(), rtol=1e-4, atol=1e-6)
 
 
 def test_kl_is_zero_when_the_student_is_the_teacher_and_positive_otherwise():
     torch.manual_seed(1)
     t = torch.randn(8, 40)
-    for kl in (lambda a, b: distill.kl_full(a, b, 2.0), lambda a, b: distill.kl_topk(a, b, 7, 2.0)):
+    for kl in (lambda a, b: losses.kl_full(a, b, 2.0), lambda a, b: losses.kl_topk(a, b, 7, 2.0)):
         assert kl(t, t).abs().max() < 1e-5
         assert (kl(t + torch.randn(8, 40), t) > 0).all()
     # full KL matches torch's own, with the T^2 scaling
     s = torch.randn(8, 40)
     ref = F.kl_div(F.log_softmax(s / 2, -1), F.log_softmax(t / 2, -1), log_target=True, reduction="none").sum(-1) * 4
-    torch.testing.assert_close(distill.kl_full(s, t, 2.0), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses.kl_full(s, t, 2.0), ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("alpha,top_k", [(0.0, 0), (0.5, 0), (1.0, 0), (0.7, 5)])
@@ -98,8 +103,8 @@ def test_chunked_distill_loss_equals_the_unchunked_loss_and_gradients(alpha, top
     teacher_hidden, teacher_weight = torch.randn(N, C), torch.randn(V, C)
     targets = torch.randint(0, V, (N,))
     targets[3] = -100  # ignored in both CE and KD
-    loss, ce, kd = distill.distill_loss(hidden, weight, teacher_hidden, teacher_weight, targets, alpha, 2.0, top_k,
-                                        chunk_rows=8)
+    loss, ce, kd = losses.head_loss(hidden, weight, targets, teacher=(teacher_hidden, teacher_weight), alpha=alpha,
+                                    temperature=2.0, top_k=top_k, chunk_rows=8)
     loss.backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad = weight.grad = None
@@ -107,8 +112,8 @@ def test_chunked_distill_loss_equals_the_unchunked_loss_and_gradients(alpha, top
     logits, teacher_logits = hidden @ weight.t(), teacher_hidden @ teacher_weight.t()
     valid = targets != -100
     ref_ce = F.cross_entropy(logits, targets, ignore_index=-100)
-    per_row = distill.kl_full(logits, teacher_logits, 2.0) if top_k == 0 else distill.kl_topk(logits, teacher_logits,
-                                                                                               top_k, 2.0)
+    per_row = (losses.kl_full(logits, teacher_logits, 2.0) if top_k == 0
+               else losses.kl_topk(logits, teacher_logits, top_k, 2.0))
     ref_kd = per_row[valid].mean()
     ref = alpha * ref_kd + (1 - alpha) * ref_ce
     ref.backward()
@@ -124,10 +129,10 @@ def test_chunked_distill_loss_equals_the_unchunked_loss_and_gradients(alpha, top
 
 def test_student_starts_as_the_teacher_minus_its_replaced_mlps():
     teacher = tiny_gpt()
-    config = distill.student_config(teacher.config, "relu2", None, [0, 2], window=16, full_attn_layers=[1])
+    config = student_module.student_config(teacher.config, "relu2", None, [0, 2], window=16, full_attn_layers=[1])
     assert config.mlp_kind == ["relu2", "swiglu", "relu2"] and config.mlp_hidden == [32, 64, 32]
     assert config.window == [16, None, 16]
-    student, new_mlps = distill.build_student(teacher, config)
+    student, new_mlps = student_module.build_student(teacher, config)
     assert new_mlps == [0, 2]
     # the same function as the teacher whose MLPs 0 and 2 output nothing (with the student's windows)
     reference = GPT(GPTConfig.from_dict({**teacher.config.__dict__, "window": [16, None, 16]})).eval()
@@ -138,69 +143,67 @@ def test_student_starts_as_the_teacher_minus_its_replaced_mlps():
     with torch.no_grad():
         torch.testing.assert_close(student(x), reference(x))
     with pytest.raises(SystemExit, match="out of range"):
-        distill.student_config(teacher.config, mlp_layers=[3])
+        student_module.student_config(teacher.config, mlp_layers=[3])
 
 
 @pytest.mark.parametrize("latent", ["teacher", "student"])
 @pytest.mark.parametrize("target", ["decoder", "block"])
 def test_cached_latent_entering_each_layer_is_the_models_own_hidden_state(latent, target):
     teacher = tiny_gpt(0)
-    student, _ = distill.build_student(teacher, distill.student_config(teacher.config, "relu2"))
+    student, _ = student_module.build_student(teacher, student_module.student_config(teacher.config, "relu2"))
     torch.manual_seed(5)
     for block in student.blocks:  # a student that differs from the teacher everywhere
         block.mlp.down.weight.data.normal_(0, 0.1)
     tokens = [torch.randint(0, 96, (2, 24)) for _ in range(3)]
     ctx = torch.autocast("cpu", enabled=False)
-    cache = distill.start_cache(teacher, tokens, latent == "student", "cpu")
+    cache = LayerCache(teacher, student, tokens, "cpu", ctx, latent=latent, target=target)
     with torch.no_grad():
         teacher_h = [hidden_states(teacher, x) for x in tokens]
         student_h = [hidden_states(student, x) for x in tokens]
     for i in range(3):
-        distill.advance_cache(cache, teacher, student, i, ctx)
+        cache.advance(i)
         for n in range(3):
-            torch.testing.assert_close(cache["teacher"][n], teacher_h[n][i], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(cache.teacher_latent[n], teacher_h[n][i], rtol=1e-5, atol=1e-5)
             if latent == "student":
-                torch.testing.assert_close(cache["student"][n], student_h[n][i], rtol=1e-5, atol=1e-5)
-        inputs, targets = distill.layer_io(cache, teacher, student, i, target, ctx)
+                torch.testing.assert_close(cache.student_latent[n], student_h[n][i], rtol=1e-5, atol=1e-5)
+        inputs, targets = cache.begin_layer(i)
         cos, sin = student.rope(0, 24, "cpu")
         for n in range(3):
             torch.testing.assert_close(targets[n], teacher_h[n][i + 1], rtol=1e-5, atol=1e-5)
             with torch.no_grad():  # a step's forward from the cached input is the student's layer i
-                out = distill.trainable_part(student.blocks[i], inputs[n], cos, sin, target)
+                out = layer_cache.trainable_part(student.blocks[i], inputs[n], cos, sin, target)
             own_input = teacher_h[n][i] if latent == "teacher" else student_h[n][i]
             with torch.no_grad():
                 torch.testing.assert_close(out, student.blocks[i](own_input, cos, sin), rtol=1e-5, atol=1e-5)
-        distill.finish_layer(cache, student, i, inputs, targets, target, ctx)
-    assert cache["layer"] == 3
+        cache.end_layer()
+    assert cache.layer == 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned host memory needs a GPU")
 def test_a_host_cache_beside_a_gpu_stays_pinned_in_every_buffer():
     teacher, student = tiny_gpt(0).cuda(), tiny_gpt(1).cuda()
     tokens = [torch.randint(0, 96, (2, 16)) for _ in range(2)]
-    ctx = distill.common.autocast("cuda", torch.float32)
+    ctx = runtime.autocast("cuda", torch.float32)
     for latent in ("teacher", "student"):
-        cache = distill.start_cache(teacher, tokens, latent == "student", "cpu")
-        inputs, targets = distill.layer_io(cache, teacher, student, 0, "decoder", ctx)
-        assert cache["teacher"].is_pinned() and inputs.is_pinned() and targets.is_pinned(), latent
+        cache = LayerCache(teacher, student, tokens, "cpu", ctx, latent=latent, target="decoder")
+        inputs, targets = cache.begin_layer(0)
+        assert cache.teacher_latent.is_pinned() and inputs.is_pinned() and targets.is_pinned(), latent
 
 
 @pytest.mark.parametrize("target", ["decoder", "attn", "block"])
 def test_while_layer_i_trains_only_its_target_parameters_change(target):
     teacher = tiny_gpt(0)
-    student, _ = distill.build_student(teacher, distill.student_config(teacher.config, "relu2"))
-    ctx, env = torch.autocast("cpu", enabled=False), env1()
+    student, _ = student_module.build_student(teacher, student_module.student_config(teacher.config, "relu2"))
+    ctx = torch.autocast("cpu", enabled=False)
     tokens = [torch.randint(0, 96, (2, 24)) for _ in range(2)]
-    cache = distill.start_cache(teacher, tokens, False, "cpu")
-    distill.advance_cache(cache, teacher, student, 1, ctx)
-    inputs, targets = distill.layer_io(cache, teacher, student, 1, target, ctx)
+    cache = LayerCache(teacher, student, tokens, "cpu", ctx, target=target)
+    cache.begin_layer(1)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    block = student.blocks[1]
-    params = distill.set_trainable(student, distill.target_modules(block, target))
+    student_module.set_trainable(student, student_module.layer_target(student.blocks[1], target))
     optimizer = student.configure_optimizer(1e-2, 0.0, (0.9, 0.95), "cpu")
-    cos, sin = student.rope(0, 24, "cpu")
-    losses = [distill.layer_step(block, optimizer, params, inputs[0], targets[0], 1e-3, target, cos, sin, ctx,
-                                 env).item() for _ in range(4)]
+    run = distill.Run(distill.read_settings(["--grad-clip", "1.0", "--run-dir", "unused"])[0], {}, env1(), ctx,
+                      checkpoints.MetricsLog("unused", enabled=False), "", teacher, student)
+    losses = [distill.layer_step(run, cache, optimizer, 0, 1e-3, step) for step in range(4)]
     prefix = {"decoder": ("blocks.1.mlp_norm.", "blocks.1.mlp."), "attn": ("blocks.1.attn_norm.", "blocks.1.attn."),
               "block": ("blocks.1.",)}[target]
     changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
@@ -209,18 +212,17 @@ def test_while_layer_i_trains_only_its_target_parameters_change(target):
 
 
 def test_batch_order_is_a_pure_function_that_visits_every_cached_batch_once_per_pass():
-    order = [distill.batch_index(7, 1, 3, s, 5) for s in range(10)]
-    assert order == [distill.batch_index(7, 1, 3, s, 5) for s in range(10)]
+    order = [layer_cache.batch_index(7, 1, 3, s, 5) for s in range(10)]
+    assert order == [layer_cache.batch_index(7, 1, 3, s, 5) for s in range(10)]
     assert sorted(order[:5]) == sorted(order[5:]) == list(range(5))
-    assert order != [distill.batch_index(7, 1, 4, s, 5) for s in range(10)]
+    assert order != [layer_cache.batch_index(7, 1, 4, s, 5) for s in range(10)]
 
 
 def test_the_shipped_configs_are_valid_for_distill(tmp_path):
     for name in ("distill_smollm2_mlp_half.yaml", "distill_smollm2_hybrid_window.yaml"):
-        namespace = dict(vars(distill))
-        config = distill.common.configure(namespace, ["--config", os.path.join(REPO, "configs", name)])
-        assert config["teacher"] == "models/smollm2_135m"
-    assert config["window"] == 256 and config["full_attn_layers"] == [0, 10, 20, 29]
+        settings, _ = distill.read_settings(["--config", os.path.join(REPO, "configs", name)])
+        assert settings.teacher == "models/smollm2_135m"
+    assert settings.window == 256 and settings.full_attn_layers == [0, 10, 20, 29]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -246,15 +248,8 @@ def distill_args(teacher_dir, data_dir, run_dir, *extra):
 
 
 def run_here(*args):
-    """distill.main() in this process, as `python distill.py ARGS` would run it (saves a subprocess start-up);
-    the module's constants are restored afterwards."""
-    saved = {k: v for k, v in vars(distill).items() if k.isupper()}
-    argv, sys.argv = sys.argv, ["distill.py", *map(str, args)]
-    try:
-        distill.main()
-    finally:
-        sys.argv = argv
-        vars(distill).update(saved)
+    """distill.main() in this process, as `python distill.py ARGS` would run it (saves a subprocess start-up)."""
+    distill.main([str(a) for a in args])
 
 
 def test_phase1_lowers_each_layer_loss_and_the_kl_and_phase2_lowers_the_kl_further(teacher_dir, data_dir, tmp_path):
@@ -285,9 +280,8 @@ def test_phase1_lowers_each_layer_loss_and_the_kl_and_phase2_lowers_the_kl_furth
                                                                                                "blocks.1.mlp."))}
     assert s0["blocks.2.mlp.down.weight"].abs().max() == 0
     # any student checkpoint samples
-    out = run_script("sample.py", os.path.join(run, "final.pt"), "--prompt", "The river", "--max-new-tokens", "5",
-                     "--device", "cpu", env=ENV)
-    assert out.returncode == 0
+    run_script("sample.py", os.path.join(run, "final.pt"), "--prompt", "The river", "--max-new-tokens", "5",
+               "--device", "cpu", env=ENV)
 
 
 def test_resume_mid_rotation_ends_with_the_same_weights_as_an_uninterrupted_run(teacher_dir, data_dir, tmp_path,
@@ -328,7 +322,7 @@ def test_phase2_resumes_after_a_crash_with_the_same_weights_as_an_uninterrupted_
                                                                                     monkeypatch):
     args = ["--phases", "2", "--max-steps", "10", "--checkpoint-every", "4", "--top-k", "16", "--grad-accum", "2"]
     run_here(*distill_args(teacher_dir, data_dir, str(tmp_path / "straight"), *args))
-    calls, loss = [0], distill.distill_loss
+    calls, loss = [0], distill.phase2_loss
 
     def crashing_loss(*a, **k):
         calls[0] += 1
@@ -336,11 +330,11 @@ def test_phase2_resumes_after_a_crash_with_the_same_weights_as_an_uninterrupted_
             raise RuntimeError("simulated crash")
         return loss(*a, **k)
 
-    monkeypatch.setattr(distill, "distill_loss", crashing_loss)
+    monkeypatch.setattr(distill, "phase2_loss", crashing_loss)
     resumed = distill_args(teacher_dir, data_dir, str(tmp_path / "resumed"), *args)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_here(*resumed)
-    monkeypatch.setattr(distill, "distill_loss", loss)
+    monkeypatch.setattr(distill, "phase2_loss", loss)
     run_here(*resumed, "--resume")
     a, b = (torch.load(tmp_path / run / "step_000010.pt", weights_only=True) for run in ("straight", "resumed"))
     for k in a["model"]:
@@ -371,10 +365,10 @@ def test_cached_teacher_val_states_give_the_same_eval_as_running_the_teacher():
     teacher, student = tiny_gpt(0), tiny_gpt(1)
     torch.manual_seed(2)
     batches = [(torch.randint(0, 96, (2, 16)), torch.randint(0, 96, (2, 16))) for _ in range(3)]
-    ctx = distill.common.autocast("cpu", torch.float32)
-    cached = distill.teacher_val_hidden(teacher, batches, ctx)
-    a = distill.evaluate_student(student, batches, env1(), ctx, 10, teacher, cached)
-    b = distill.evaluate_student(student, batches, env1(), ctx, 10, teacher)
+    ctx = runtime.autocast("cpu", torch.float32)
+    cached = losses.teacher_val_hidden(teacher, batches, ctx)
+    a = losses.evaluate(student, batches, env1(), ctx, chunk_rows=10, teacher=teacher, teacher_hidden=cached)
+    b = losses.evaluate(student, batches, env1(), ctx, chunk_rows=10, teacher=teacher)
     assert a == b and set(a) == {"val_ce", "val_ppl", "teacher_ce", "kl", "top1_agree"} and a["kl"] > 0
 
 
@@ -405,8 +399,7 @@ def test_two_torchrun_processes_train_the_same_weights_as_one_process_with_twice
     one = str(tmp_path / "one")
     run_here(*distill_args(teacher_dir, data_dir, one, *args, "--batch-size", "8"))
     two = str(tmp_path / "two")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "distill.py"), *distill_args(teacher_dir, data_dir, two, *args, "--batch-size", "4")]
+    cmd = torchrun("distill.py", 2, *distill_args(teacher_dir, data_dir, two, *args, "--batch-size", "4"))
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.load(open(os.path.join(two, "step_000004.json")))["world_size"] == 2
@@ -429,15 +422,15 @@ def test_bad_input_is_refused_before_any_work(teacher_dir, data_dir, tmp_path, b
     assert "layer(s) [3] out of range" in fails("--layers", "[0, 3]")
     assert "expected increasing layer indices" in fails("--layers", "[2, 0]")
     with monkeypatch.context() as m:  # the cache size is arithmetic: refused before any model is loaded
-        m.setattr(distill.common, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+        m.setattr(distill, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
         message = fails("--num-batches", "100000000")
     assert "the phase-1 cache needs" in message and "GiB of host memory" in message
     # a student whose width does not line up with the teacher's
     wide = make_tiny_llama(tmp_path / "wide", bpe_tokenizer_dir, hidden_size=96)
-    other, _ = distill.common.load_model(wide)
+    other, _ = distill.load_model(wide)
     path = str(tmp_path / "other.pt")
-    distill.common.save_checkpoint(path, {"model": other.state_dict(), "model_config": dataclasses.asdict(other.config),
-                                          "step": 0, "tokenizer": wide})
+    checkpoints.save_checkpoint(path, {"model": other.state_dict(), "model_config": dataclasses.asdict(other.config),
+                                       "step": 0, "tokenizer": wide})
     assert "n_embd = 96 but the teacher" in fails("--init-from", path)
     # shards made with another tokenizer than the teacher's
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -459,9 +452,9 @@ def test_a_swiglu_student_exports_to_hugging_face_with_the_same_logits(teacher_d
     run = str(tmp_path / "run")
     run_here(*distill_args(teacher_dir, data_dir, run, "--mlp-kind", "swiglu", "--steps-per-layer", "2",
                            "--max-steps", "2", "--checkpoint-every", "2", "--export-hf"))
-    student, _ = common.load_model(os.path.join(run, "step_000002.pt"))
+    student, _ = distill.load_model(os.path.join(run, "step_000002.pt"))
     assert student.config.mlp_kind == ["swiglu"] * 3 and student.config.mlp_hidden[0] == 80  # half of 160
     exported = AutoModelForCausalLM.from_pretrained(os.path.join(run, "hf"), dtype=torch.float32).eval()
     idx = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(exported(idx).logits, student.eval()(idx), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(exported(idx).logits, student.eval().logits(idx), atol=1e-4, rtol=1e-4)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_llama, needs_cxx
+from hf_interop import from_pretrained, save_pretrained
+from losses import head_loss
 from model import GPT, GPTConfig, sliding_window_attention
 
 SENTENCE = "The capital of France is Paris, and the river that runs through it is called the Seine."
@@ -24,35 +26,35 @@ def hf_logits(path, idx):
 def test_logits_match_transformers_llama(tmp_path, tied, num_kv_heads):
     path = make_tiny_llama(tmp_path / "hf", tied=tied, num_kv_heads=num_kv_heads)
     idx = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
-    model = GPT.from_pretrained(path).eval()
+    model = from_pretrained(path).eval()
     assert model.config.tie_embeddings == tied and model.config.n_kv_head == num_kv_heads
     with torch.no_grad():
-        ours = model(idx)
+        ours = model.logits(idx)
     assert (ours - hf_logits(path, idx)).abs().max().item() <= 1e-4
 
 
 def test_export_reloads_in_transformers_with_same_logits(tmp_path, tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    model = GPT.from_pretrained(tiny_llama_dir).eval()
-    out = model.save_pretrained(str(tmp_path / "export"), tokenizer_dir=tiny_llama_dir)
+    model = from_pretrained(tiny_llama_dir).eval()
+    out = save_pretrained(model, str(tmp_path / "export"), tokenizer_dir=tiny_llama_dir)
     idx = torch.randint(0, 512, (1, 33), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours = model(idx)
+        ours = model.logits(idx)
     assert (ours - hf_logits(out, idx)).abs().max().item() <= 1e-4
     assert AutoTokenizer.from_pretrained(out)("the river").input_ids  # tokenizer travelled with the weights
-    again = GPT.from_pretrained(out).eval()
+    again = from_pretrained(out).eval()
     with torch.no_grad():
-        assert torch.equal(again(idx), ours)
+        assert torch.equal(again.logits(idx), ours)
 
 
 def test_export_untied_model_round_trips(tmp_path):
     path = make_tiny_llama(tmp_path / "hf", tied=False)
-    model = GPT.from_pretrained(path).eval()
-    out = model.save_pretrained(str(tmp_path / "export"))
+    model = from_pretrained(path).eval()
+    out = save_pretrained(model, str(tmp_path / "export"))
     idx = torch.randint(0, 512, (1, 17), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert (model(idx) - hf_logits(out, idx)).abs().max().item() <= 1e-4
+        assert (model.logits(idx) - hf_logits(out, idx)).abs().max().item() <= 1e-4
 
 
 def test_sharded_safetensors_load(tmp_path):
@@ -64,7 +66,7 @@ def test_sharded_safetensors_load(tmp_path):
     assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
     idx = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ours = GPT.from_pretrained(str(tmp_path / "sharded")).eval()(idx)
+        ours = from_pretrained(str(tmp_path / "sharded")).eval().logits(idx)
     assert (ours - hf_logits(path, idx)).abs().max().item() <= 1e-4
 
 
@@ -75,10 +77,10 @@ def test_real_smollm2_gguf_logits_match_transformers(smollm2_gguf):
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     idx = torch.tensor([tokenizer(SENTENCE).input_ids])
     hf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    model = GPT.from_pretrained(smollm2_gguf).eval()
+    model = from_pretrained(smollm2_gguf).eval()
     assert model.config.n_layer == 30 and model.config.n_kv_head == 3 and model.config.vocab_size == 49152
     with torch.no_grad():
-        expected, ours = hf(idx).logits, model(idx)
+        expected, ours = hf(idx).logits, model.logits(idx)
     assert (ours - expected).abs().max().item() <= 1e-3
     # and the model is a real language model: it predicts most of the sentence's next tokens in its top 10
     top10 = ours[0, :-1].topk(10, dim=-1).indices
@@ -124,7 +126,7 @@ def test_sliding_window_model_equals_explicit_mask_model():
         return a.proj(y.transpose(1, 2).reshape(B, T, -1))
 
     with torch.no_grad():
-        ours = model(idx)
+        ours = model.logits(idx)
         x = model.embed(idx)
         cos, sin = model.rope(0, idx.shape[1], idx.device)
         for block in model.blocks:
@@ -134,26 +136,26 @@ def test_sliding_window_model_equals_explicit_mask_model():
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_sliding_window_memory_is_linear_in_sequence_length():
+def test_sliding_window_memory_is_linear_in_sequence_length(monkeypatch):
     """The largest intermediate of a W=64 layer at T=4096 is far below one T x T score matrix."""
-    q = torch.randn(1, 2, 4096, 16)
-    k = torch.randn(1, 1, 4096, 16)
-    biggest = 0
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 4096, 16, generator=g)
+    k = torch.randn(1, 1, 4096, 16, generator=g)
+    v = torch.randn(1, 1, 4096, 16, generator=g)
+    real = F.scaled_dot_product_attention
+    sizes = []  # B*H*L*S of every score matrix attention was asked for
 
     def watch(*args, **kwargs):
-        nonlocal biggest
-        out = real(*args, **kwargs)
         B, H, L, S = args[0].shape[0], args[0].shape[1], args[0].shape[2], args[1].shape[2]
-        biggest = max(biggest, B * H * L * S)
-        return out
+        sizes.append(B * H * L * S)
+        return real(*args, **kwargs)
 
-    real = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = watch
-    try:
-        sliding_window_attention(q, k, k, 64, {})
-    finally:
-        F.scaled_dot_product_attention = real
-    assert biggest <= 2 * 4096 * 2 * 64 * 2  # scores touched ~ B*H*T*2S, not T*T = 16.7M per head
+    monkeypatch.setattr(F, "scaled_dot_product_attention", watch)
+    ours = sliding_window_attention(q, k, v, 64, {})
+    monkeypatch.undo()
+    assert sizes, "sliding_window_attention never called F.scaled_dot_product_attention: nothing was measured"
+    assert max(sizes) <= 2 * 4096 * 2 * 64 * 2  # scores touched ~ B*H*T*2S, not T*T = 16.7M per head
+    torch.testing.assert_close(ours, explicit_mask_attention(q, k, v, 64), atol=1e-5, rtol=1e-5)
 
 
 def test_mixed_layers_run_forward_and_backward():
@@ -162,11 +164,11 @@ def test_mixed_layers_run_forward_and_backward():
                        window=[None, 4, 16, None], tie_embeddings=False)
     model = GPT(config).init_weights()
     idx = torch.randint(0, 300, (2, 70))
-    loss = model(idx, idx)
+    loss, _, _ = head_loss(model(idx).flatten(0, 1), model.lm_head.weight, idx.flatten())
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
-    assert model(idx).shape == (2, 70, 300)
+    assert model.logits(idx).shape == (2, 70, 300)
 
 
 def test_chunked_loss_equals_plain_cross_entropy_and_gradients():
@@ -174,23 +176,23 @@ def test_chunked_loss_equals_plain_cross_entropy_and_gradients():
     config = GPTConfig(vocab_size=1000, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=16, mlp_hidden=96,
                        tie_embeddings=True)
     model = GPT(config).init_weights()
-    model.loss_chunk_rows = 7  # many uneven chunks
     idx = torch.randint(0, 1000, (3, 25))
     targets = torch.randint(0, 1000, (3, 25))
     targets[0, :5] = -100
     targets[2, -3:] = -100
+    chunked = lambda: head_loss(model(idx).flatten(0, 1), model.lm_head.weight, targets.flatten(), chunk_rows=7)[0]
 
-    loss = model(idx, targets)
+    loss = chunked()  # many uneven chunks
     loss.backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    reference = F.cross_entropy(model(idx).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    reference = F.cross_entropy(model.logits(idx).flatten(0, 1), targets.flatten(), ignore_index=-100)
     reference.backward()
     torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-6)
     for n, p in model.named_parameters():
         torch.testing.assert_close(ours[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
     with torch.no_grad():
-        torch.testing.assert_close(model(idx, targets), reference.detach(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(chunked(), reference.detach(), atol=1e-6, rtol=1e-6)
 
 
 def test_init_scales_residual_projections_by_depth():
@@ -206,12 +208,12 @@ def test_init_scales_residual_projections_by_depth():
 
 def test_missing_path_is_a_named_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        GPT.from_pretrained(str(tmp_path / "nope"))
+        from_pretrained(str(tmp_path / "nope"))
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="config.json"):
-        GPT.from_pretrained(str(tmp_path / "empty"))
+        from_pretrained(str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
-        GPT.from_pretrained(str(tmp_path / "missing.gguf"))
+        from_pretrained(str(tmp_path / "missing.gguf"))
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -230,14 +232,14 @@ def test_unsupported_config_fields_are_refused_by_name(tmp_path, tiny_llama_dir,
     config[field] = value
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
-        GPT.from_pretrained(str(path))
+        from_pretrained(str(path))
 
 
 def test_export_refuses_non_llama_layers_by_index(tmp_path):
     config = GPTConfig(vocab_size=100, n_layer=3, n_head=2, n_kv_head=2, n_embd=32, head_dim=16, mlp_hidden=64,
                        mlp_kind=["swiglu", "relu2", "swiglu"], window=[None, None, 8])
     with pytest.raises(ValueError, match=r"layers \[1, 2\]"):
-        GPT(config).save_pretrained(str(tmp_path / "x"))
+        save_pretrained(GPT(config), str(tmp_path / "x"))
     assert not os.path.exists(tmp_path / "x")
 
 
@@ -267,6 +269,46 @@ def test_swiglu_recompute_matches_plain_autograd():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+REFERENCE_ACTIVATIONS = {
+    "relu2": lambda h: F.relu(h) ** 2,
+    "gelu": lambda h: 0.5 * h * (1 + torch.erf(h / 2 ** 0.5)),  # the exact (erf) GELU, not the tanh one
+    "silu": lambda h: h * torch.sigmoid(h),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFERENCE_ACTIVATIONS))
+def test_plain_mlp_is_down_of_its_named_activation_of_up(kind):
+    from model import PlainMLP
+
+    torch.manual_seed(0)
+    mlp = PlainMLP(16, 40, kind)
+    x = torch.randn(2, 9, 16) * 3  # wide enough that every activation's negative side matters
+    with torch.no_grad():
+        expected = mlp.down.weight @ REFERENCE_ACTIVATIONS[kind](mlp.up.weight @ x.unsqueeze(-1))
+        torch.testing.assert_close(mlp(x), expected.squeeze(-1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_optimizer_decays_matrices_and_embeddings_but_not_norm_gains(tied):
+    config = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=16, head_dim=8, mlp_hidden=32,
+                       mlp_kind=["swiglu", "gelu"], tie_embeddings=tied)
+    model = GPT(config)
+    model.blocks[0].attn.qkv.weight.requires_grad_(False)  # frozen, as distill freezes all but one layer
+    model.blocks[1].mlp_norm.weight.requires_grad_(False)
+    optimizer = model.configure_optimizer(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu")
+    decay_of = {}  # parameter id -> the weight decay of every group that holds it
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            decay_of.setdefault(id(p), []).append(group["weight_decay"])
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert id(p) not in decay_of, f"frozen {name} is in an optimizer group"
+        else:
+            expected = 0.0 if name.endswith("norm.weight") else 0.1  # every other parameter is a matrix
+            assert decay_of.get(id(p)) == [expected], (name, decay_of.get(id(p)))
+    assert len(decay_of) == sum(p.requires_grad for p in model.parameters())  # nothing beyond the model's own
+
+
 @pytest.mark.parametrize("window,compiled", [(None, False), (5, False), pytest.param(5, True, marks=needs_cxx)])
 def test_kv_cache_decoding_matches_full_forward(window, compiled):
     """Compiled, a one-token step attends through decode_attention's fused sums of products instead of SDPA: it
@@ -277,10 +319,10 @@ def test_kv_cache_decoding_matches_full_forward(window, compiled):
     model = GPT(config).init_weights(std=0.1).eval()
     idx = torch.randint(0, 128, (2, 20))
     with torch.no_grad():
-        full = model(idx)
+        full = model.logits(idx)
         cache = model.new_cache(2, 20, "cpu", torch.float32)
-        step = torch.compile(model, dynamic=True) if compiled else model
-        steps = [model(idx[:, :8], cache=cache)] + [step(idx[:, t:t + 1], cache=cache) for t in range(8, 20)]
+        step = torch.compile(model.logits, dynamic=True) if compiled else model.logits
+        steps = [model.logits(idx[:, :8], cache=cache)] + [step(idx[:, t:t + 1], cache=cache) for t in range(8, 20)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     if window:
         assert cache.layers[0].k.shape[2] == window  # ring buffer of W, not the whole sequence

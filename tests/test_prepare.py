@@ -132,6 +132,21 @@ def test_rerun_of_a_finished_prepare_does_nothing_and_says_so(bpe_tokenizer_dir,
     assert read_manifest(out)["options"]["shard_tokens"] == 3000
 
 
+def test_smoke_test_fills_in_only_the_sizes_not_set_explicitly_and_prints_the_config_that_runs(bpe_tokenizer_dir,
+                                                                                                  tmp_path):
+    data = write_jsonl(tmp_path / "docs.jsonl", english_like_documents(150, seed=9))
+    out = str(tmp_path / "out")
+    proc = prepare(bpe_tokenizer_dir, data, out, "--smoke-test", "--train-bytes", 5000, "--shard-tokens", 300,
+                   "--workers", 1)
+    manifest = read_manifest(out)
+    # the explicit train budget, shard size and out dir win; the val budget is the smoke test's (512 KiB)
+    assert manifest["budgets"] == {"train_bytes": 5000, "val_bytes": 512 * 2**10}
+    assert manifest["options"]["shard_tokens"] == 300 and manifest["options"]["smoke_test"] is True
+    assert proc.stdout.count("config for prepare.py:") == 1
+    for line in ("train_bytes = 5000", f"val_bytes = {512 * 2**10}", "shard_tokens = 300", f"out_dir = {out!r}"):
+        assert f"  {line}\n" in proc.stdout
+
+
 def test_verify_catches_a_flipped_byte_and_a_missing_shard(bpe_tokenizer_dir, tmp_path, capsys):
     import prepare as prepare_module  # verify works in-process too, not only as `prepare.py --verify`
 
@@ -176,6 +191,76 @@ def test_network_retries_back_off_then_give_up_naming_the_last_error(monkeypatch
     with pytest.raises(SystemExit, match="downloading x failed 8 times; last error: OSError: down"):
         prepare_module.with_retries("downloading x", down)
     assert waits == [1, 2, 4, 8, 16, 32, 60]  # NETWORK_RETRIES = 8 tries, 7 waits, capped at 60 s
+
+
+def hub_http_error(status):
+    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.utils import httpx
+
+    return HfHubHTTPError(f"{status}", response=httpx.Response(status, request=httpx.Request("GET", "https://hub")))
+
+
+def test_only_errors_a_network_or_hub_hiccup_can_cause_are_transient():
+    from datasets.exceptions import DatasetNotFoundError
+    from huggingface_hub.utils import httpx
+
+    import prepare as prepare_module
+
+    transient = [OSError("reset"), ConnectionError("refused"), TimeoutError("slow"), httpx.ConnectError("dns"),
+                 httpx.ReadTimeout("slow"), hub_http_error(503), hub_http_error(429), hub_http_error(408)]
+    not_transient = [TypeError("bug"), ValueError("bug"), KeyError("text"), hub_http_error(404),
+                     hub_http_error(401), DatasetNotFoundError("no such dataset")]
+    assert [e for e in transient if not prepare_module.is_transient(e)] == []
+    assert [e for e in not_transient if prepare_module.is_transient(e)] == []
+
+
+def test_an_error_that_is_not_transient_is_raised_at_once_without_waiting(monkeypatch):
+    import prepare as prepare_module
+
+    waits = []
+    monkeypatch.setattr(prepare_module.time, "sleep", waits.append)
+    calls = []
+
+    def buggy():
+        calls.append(1)
+        raise TypeError("unsupported operand")
+
+    with pytest.raises(TypeError, match="unsupported operand"):
+        prepare_module.with_retries("downloading x", buggy)
+    assert calls == [1] and waits == []
+
+
+class FlakyStream:
+    """A stand-in for a streaming hub dataset whose reads raise the queued errors, then yield one batch."""
+
+    def __init__(self, errors):
+        self.errors = errors
+
+    def iter(self, batch_size):
+        if self.errors:
+            raise self.errors.pop(0)
+        yield {"text": ["a document"]}
+
+    def state_dict(self):
+        return {"position": 0}
+
+
+def test_a_hub_stream_read_retries_a_transient_error_and_raises_any_other_at_once(monkeypatch):
+    import prepare as prepare_module
+
+    waits = []
+    monkeypatch.setattr(prepare_module.time, "sleep", waits.append)
+    errors = []
+    monkeypatch.setattr(prepare_module, "open_dataset", lambda source, state: FlakyStream(errors))
+    source = {"kind": "hub", "dataset": "org/corpus", "text_field": "text"}
+    errors.append(ConnectionError("reset by peer"))
+    assert list(prepare_module.read_batches(source, None, 0)) == [({"position": 0}, 0, ["a document"])]
+    assert waits == [1]
+    waits.clear()
+    errors.append(ValueError("bug"))
+    with pytest.raises(ValueError, match="bug"):
+        list(prepare_module.read_batches(source, None, 0))
+    assert waits == []
 
 
 def test_importing_prepare_does_not_import_torch():

@@ -3,15 +3,17 @@ and the real SmolLM2-135M-Instruct answering a question."""
 import io
 import json
 import os
+import sys
 from dataclasses import asdict
 
 import pytest
 import torch
 
-from common import load_model, load_tokenizer, save_checkpoint, tokenizer_source
+from checkpoints import save_checkpoint
 from conftest import make_tiny_llama, needs_cxx, run_script
+from hf_interop import from_pretrained, load_model, load_tokenizer, tokenizer_source
 from model import GPT, GPTConfig
-from sample import TextStream, eos_token_ids, format_prompt, generate, next_token
+from sample import Sampling, TextStream, eos_token_ids, format_prompt, generate, next_token
 
 
 def tiny_gpt(seed=0, **overrides):
@@ -29,7 +31,7 @@ def greedy_by_recomputing(model, prompt, n):
     """The reference: run the whole sequence through the model (no cache) for every new token."""
     idx = torch.tensor([prompt])
     for _ in range(n):
-        idx = torch.cat((idx, model(idx)[:, -1].argmax(-1, keepdim=True)), dim=1)
+        idx = torch.cat((idx, model.logits(idx)[:, -1].argmax(-1, keepdim=True)), dim=1)
     return idx[0, len(prompt):].tolist()
 
 
@@ -106,7 +108,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.6, 0.3, 0.1]])
     logits = probs.log()
     gen = torch.Generator().manual_seed(0)
-    draws = lambda p: {next_token(logits, None, 1.0, 0, p, 1.0, gen).item() for _ in range(300)}
+    draws = lambda p: {next_token(logits, None, Sampling(1.0, 0, p, 1.0), gen).item() for _ in range(300)}
     assert draws(0.5) == {0}  # 0.6 alone reaches 0.5
     assert draws(0.8) == {0, 1}  # 0.6 + 0.3 reaches 0.8; 0.1 never drawn
     assert draws(1.0) == {0, 1, 2}
@@ -115,11 +117,11 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens():
     seen = torch.tensor([[True, False, True, False]])
     # token 0 (seen, 2.0 -> 1.0) loses to token 1 (unseen, 1.5)
-    assert next_token(torch.tensor([[2.0, 1.5, -1.0, -3.0]]), seen, 0.0, 0, 1.0, 2.0, None).item() == 1
+    assert next_token(torch.tensor([[2.0, 1.5, -1.0, -3.0]]), seen, Sampling(0.0, 0, 1.0, 2.0), None).item() == 1
     # token 2 (seen, -1.0 -> -2.0) falls below token 3 (unseen, -1.5)
-    assert next_token(torch.tensor([[-9.0, -9.0, -1.0, -1.5]]), seen, 0.0, 0, 1.0, 2.0, None).item() == 3
+    assert next_token(torch.tensor([[-9.0, -9.0, -1.0, -1.5]]), seen, Sampling(0.0, 0, 1.0, 2.0), None).item() == 3
     # penalty 1.0 changes nothing
-    assert next_token(torch.tensor([[2.0, 1.5, -1.0, -3.0]]), seen, 0.0, 0, 1.0, 1.0, None).item() == 0
+    assert next_token(torch.tensor([[2.0, 1.5, -1.0, -3.0]]), seen, Sampling(0.0, 0, 1.0, 1.0), None).item() == 0
 
 
 @pytest.mark.parametrize("kwargs,message", [(dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"),
@@ -213,7 +215,7 @@ def test_script_prints_what_generate_draws_with_the_same_seed_from_a_student_che
     for i in (1, 2):
         expected.write(f"---------- sample {i}/2\n")
         stream, start = TextStream(tokenizer, expected), expected.tell()
-        for token in generate(loaded.eval(), prompt_ids, 40, 1.0, 50, 1.0, 1.0, eos_ids, gen):
+        for token in generate(loaded.eval(), prompt_ids, 40, temperature=1.0, top_k=50, eos_ids=eos_ids, generator=gen):
             if token not in eos_ids:
                 stream.put(token)
         stream.end()
@@ -236,6 +238,35 @@ def test_script_errors_name_the_problem(tmp_path, tiny_llama_dir):
     assert proc.returncode != 0 and "context (max_seq_len) is 256" in proc.stderr
 
 
+def run_main(monkeypatch, *args):
+    """sample.main() in this process, as `python sample.py ARGS` runs it."""
+    import sample
+
+    for name in [n for n in vars(sample) if n.isupper()]:
+        monkeypatch.setattr(sample, name, getattr(sample, name))  # main's configure() sets them: undone after the test
+    monkeypatch.setattr(sys, "argv", ["sample.py", *map(str, args)])
+    sample.main()
+
+
+def test_script_refuses_a_bad_sampling_argument_in_one_line_before_loading_the_model(monkeypatch, tmp_path):
+    with pytest.raises(SystemExit, match=r"^sample.py: temperature = -1.0; expected >= 0 \(0 = greedy\)$"):
+        run_main(monkeypatch, tmp_path / "no_such_model", "--prompt", "hi", "--temperature", "-1")
+
+
+def raise_bug(*args, **kwargs):
+    raise ValueError("bug")
+
+
+@pytest.mark.parametrize("broken", ["decode_tokens", "next_token"])  # on generate's eager path; in the decode loop
+def test_script_lets_a_value_error_from_inside_generation_raise_with_its_traceback(monkeypatch, tiny_llama_dir,
+                                                                                     broken):
+    import sample
+
+    monkeypatch.setattr(sample, broken, raise_bug)
+    with pytest.raises(ValueError, match="^bug$"):
+        run_main(monkeypatch, tiny_llama_dir, "--prompt", "hi", "--max-new-tokens", "3", "--temperature", "1.0")
+
+
 def test_script_reads_the_prompt_from_stdin_and_stops_at_generation_config_eos(tmp_path, bpe_tokenizer_dir):
     import subprocess
     import sys
@@ -244,7 +275,7 @@ def test_script_reads_the_prompt_from_stdin_and_stops_at_generation_config_eos(t
 
     path = make_tiny_llama(tmp_path / "hf", bpe_tokenizer_dir, seed=1)
     # find the first token greedy decoding produces, then declare it an EOS id in generation_config.json
-    model = GPT.from_pretrained(path).eval()
+    model = from_pretrained(path).eval()
     from transformers import AutoTokenizer
     prompt_ids = AutoTokenizer.from_pretrained(path).encode("The river")
     first = next(generate(model, prompt_ids, 1))

@@ -4,14 +4,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from conftest import REPO, SPECIAL_TOKENS, english_like_documents, run_script, write_token_dataset
+from conftest import REPO, SPECIAL_TOKENS, english_like_documents, run_script, torchrun, write_token_dataset
 
 TINY_MODEL = {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64, "head_dim": 16, "mlp_hidden": 128,
               "max_seq_len": 128}
@@ -37,8 +36,7 @@ def train(*args, check=True, nproc=1, env=None):
     """Run train.py like a user: plain python, or torchrun with `nproc` gloo processes."""
     if nproc == 1:
         return run_script("train.py", *args, check=check, env=env)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           os.path.join(REPO, "train.py"), *map(str, args)]
+    cmd = torchrun("train.py", nproc, *args)
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
                           capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
@@ -189,7 +187,8 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint_latest(tmp
                                                                               straight_run, checkpoint_every,
                                                                               message):
     """An infinite LR wrecks the weights in one step: the run stops before a NaN model is saved or stepped."""
-    import common
+    import checkpoints
+    from hf_interop import load_model
 
     straight_dir, config = straight_run
     run_dir = tmp_path / "diverged"
@@ -199,10 +198,10 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint_latest(tmp
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert f"latest good checkpoint is {run_dir / 'step_000006.pt'}" in proc.stderr
-    assert common.latest_checkpoint(str(run_dir)) == str(run_dir / "step_000006.pt")
-    assert [os.path.basename(p) for p in common.complete_checkpoints(str(run_dir))] == ["step_000003.pt",
-                                                                                       "step_000006.pt"]
-    model, _ = common.load_model(str(run_dir))
+    assert checkpoints.newest_checkpoint(str(run_dir)) == str(run_dir / "step_000006.pt")
+    assert [os.path.basename(p) for p in checkpoints.complete_checkpoints(str(run_dir))] == ["step_000003.pt",
+                                                                                            "step_000006.pt"]
+    model, _ = load_model(str(run_dir))
     assert all(p.isfinite().all() for p in model.parameters())
 
 
@@ -287,10 +286,10 @@ def train_constants():
 
 @pytest.mark.parametrize("name", ["train_tiny_cpu", "train_smollm2_135m_fineweb", "train_gpt_small_scratch"])
 def test_shipped_configs_name_only_known_keys_and_valid_models(name):
-    import common
+    from config import configure
     from model import GPTConfig
 
-    config = common.configure(train_constants(), argv=["--config", os.path.join(REPO, "configs", f"{name}.yaml")])
+    config = configure(train_constants(), argv=["--config", os.path.join(REPO, "configs", f"{name}.yaml")])
     assert config["init_from"] or config["tokenizer"], "a config needs a model or a tokenizer to train from"
     if not config["init_from"]:
         GPTConfig.from_dict({"vocab_size": 49152, **config["model_config"]})

@@ -1,0 +1,187 @@
+"""Run-dir IO: checkpoints (a weights_only .pt plus a .json of metadata written last as the completion mark),
+which checkpoint is the newest, atomic text writes, metrics.jsonl and the run dir's own config and tokenizer.
+
+Names in a run dir: step_XXXXXX.pt (train.py and distill phase 2), layer_XXX.pt (distill phase 1, one per
+finished layer), final.pt (the end of distill phase 1), phase1_state.pt (distill's rolling mid-layer state).
+A checkpoint is complete when its .json exists; every function here ignores the others.
+"""
+import json
+import os
+import re
+
+import torch
+
+
+def atomic_torch_save(obj, path):
+    """Write to a temp file in the same directory, fsync, then rename: a crash never leaves a partial file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return f"<tensor {tuple(obj.shape)} {obj.dtype}>"
+    return repr(obj)
+
+
+def save_checkpoint(path, checkpoint):
+    """Save a checkpoint dict atomically, and a `.json` beside it with everything but tensors.
+
+    The .json is written after the .pt, so a .pt without a .json is an interrupted save, never the latest.
+    """
+    atomic_torch_save(checkpoint, path)
+    meta = {k: v for k, v in checkpoint.items() if k not in ("model", "optimizer", "rng")}
+    atomic_write_text(json.dumps(json_safe(meta), indent=2) + "\n", os.path.splitext(path)[0] + ".json")
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load one of our checkpoints safely (no pickled code), with an error that names the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint '{path}' could not be read ({type(e).__name__}: {e}); "
+                         f"it may be truncated or not a checkpoint of this repo") from e
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_config" not in checkpoint:
+        raise ValueError(f"checkpoint '{path}' has no 'model'/'model_config' entries; "
+                         f"expected a checkpoint written by train.py or distill.py")
+    return checkpoint
+
+
+def checkpoint_meta(path):
+    """The .json beside a checkpoint: its metadata without loading any tensor."""
+    with open(os.path.splitext(path)[0] + ".json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def is_complete(path):
+    return os.path.exists(path) and os.path.exists(os.path.splitext(path)[0] + ".json")
+
+
+def complete_checkpoints(run_dir, prefix="step_"):
+    """Checkpoints `prefix`NNN.pt in `run_dir` whose save finished, oldest first by number."""
+    if not os.path.isdir(run_dir):
+        return []
+    found = []
+    for name in os.listdir(run_dir):
+        m = re.fullmatch(rf"{re.escape(prefix)}(\d+)\.pt", name)
+        if m and is_complete(os.path.join(run_dir, name)):
+            found.append((int(m.group(1)), os.path.join(run_dir, name)))
+    return [p for _, p in sorted(found)]
+
+
+def newest_checkpoint(run_dir, prefix=None):
+    """The newest complete `prefix` checkpoint, or with no prefix the furthest of the run: the last
+    train/phase-2 step, else distill's final.pt, else the last finished layer. None if there is none."""
+    if prefix is not None:
+        found = complete_checkpoints(run_dir, prefix)
+        return found[-1] if found else None
+    final = os.path.join(run_dir, "final.pt")
+    return (newest_checkpoint(run_dir, "step_") or (final if is_complete(final) else None)
+            or newest_checkpoint(run_dir, "layer_"))
+
+
+def furthest_phase1_state(run_dir):
+    """Distill phase 1's furthest saved state: the rolling mid-layer state or the newest layer checkpoint,
+    whichever is later by (rotation, position in LAYERS, step). None if there is neither."""
+    found = []
+    for path in (os.path.join(run_dir, "phase1_state.pt"), newest_checkpoint(run_dir, "layer_")):
+        if path is not None and is_complete(path):
+            p = checkpoint_meta(path)["progress"]
+            found.append(((p["rotation"], p["position"], p["step"]), path))
+    return max(found)[1] if found else None
+
+
+def prune_checkpoints(run_dir, keep, prefix="step_"):
+    """Delete all but the newest `keep` complete checkpoints (keep <= 0 keeps everything)."""
+    if keep <= 0:
+        return
+    for path in complete_checkpoints(run_dir, prefix)[:-keep]:
+        os.remove(os.path.splitext(path)[0] + ".json")  # first the mark of completeness
+        os.remove(path)
+
+
+def rng_state():
+    """torch's RNG states (tensors, so the checkpoint stays weights_only-loadable)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+class MetricsLog:
+    """Appends one JSON object per line to run_dir/metrics.jsonl (only on the master rank)."""
+
+    def __init__(self, run_dir, enabled=True):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.enabled = enabled
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
+
+    def write(self, **record):
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(json_safe(record)) + "\n")
+
+
+def trim_metrics(path, until=None):
+    """Prepare run_dir/metrics.jsonl for a run that starts now. Resuming (`until`, e.g. {"step": 120}): keep
+    the records up to that point, in the order of until's keys; the later ones are about to be redone. A fresh
+    start (None): empty it, dropping what a run that crashed before its first checkpoint left behind."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    if until is not None:
+        bound = tuple(until.values())
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip()
+                    and tuple(json.loads(line)[k] for k in until) <= bound]
+    atomic_write_text("".join(kept), path)
+
+
+def save_tokenizer_copy(tokenizer, run_dir):
+    """Keep the tokenizer inside the run dir, so its checkpoints stay usable wherever they are moved."""
+    path = os.path.join(run_dir, "tokenizer")
+    if not os.path.isdir(path):
+        tmp = f"{path}.tmp.{os.getpid()}"
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def start_run_dir(run_dir, run_config, tokenizer, resume_until=None):
+    """Rank 0 at the start of a run: write config.json (the effective config), keep a tokenizer copy, and trim
+    metrics.jsonl to `resume_until` (see trim_metrics; None for a fresh start). Returns the MetricsLog."""
+    metrics = MetricsLog(run_dir)
+    atomic_write_text(json.dumps(json_safe(run_config), indent=2) + "\n", os.path.join(run_dir, "config.json"))
+    save_tokenizer_copy(tokenizer, run_dir)
+    trim_metrics(metrics.path, resume_until)
+    return metrics

@@ -1,0 +1,141 @@
+"""Distillation phase 1: the cache of hidden states that a layer-wise rotation trains on, and the layer loss.
+
+For N cached batches the cache holds the latent entering one layer at a time, as (N, B, T, C) fp32 buffers, and
+moves up the network one layer per call, so a whole rotation costs about one teacher forward over the batches.
+With latent "student" it keeps a second buffer advanced through the student's trained layers, so layer i learns
+to map the student's own hidden state to the teacher's after layer i (and can correct the layers before it).
+"""
+import torch
+import torch.nn.functional as F
+
+
+def frozen_part(block, x, cos, sin):
+    """A decoder target's fixed prefix, the attention sublayer: computed once per layer, not once per step."""
+    return x + block.attn(block.attn_norm(x), cos, sin)
+
+
+def trainable_part(block, x, cos, sin, target):
+    """Layer i from the latent a step starts at to the hidden state after layer i."""
+    if target == "decoder":
+        return x + block.mlp(block.mlp_norm(x))
+    return block(x, cos, sin)
+
+
+def layer_loss(out, target, base, cosine_weight=0.0):
+    """MSE between the student's and the teacher's hidden state after the layer (equal to the MSE of the
+    layer's updates out - base and target - base), plus cosine_weight * (1 - cosine) of those updates: the
+    residual stream itself would make any cosine close to 1."""
+    update, target_update = out - base, target - base
+    loss = F.mse_loss(update, target_update)
+    if cosine_weight:
+        loss = loss + cosine_weight * (1 - F.cosine_similarity(update, target_update, dim=-1)).mean()
+    return loss
+
+
+def cache_bytes(num_batches, batch_size, seq_len, n_embd):
+    """fp32 bytes of the two (N, B, T, C) buffers a layer needs at once: input latents and teacher targets."""
+    return 2 * num_batches * batch_size * seq_len * n_embd * 4
+
+
+def batch_index(seed, rotation, layer, step, num_batches):
+    """The cached batch that step `step` of `layer` uses: a fresh permutation per pass over the cache, a pure
+    function of its arguments, so a resumed run visits the same batches in the same order."""
+    epoch, k = divmod(step, num_batches)
+    generator = torch.Generator().manual_seed((((seed * 1_000_003 + rotation) * 1_000_003 + layer) * 1_000_003
+                                               + epoch) % 2**63)
+    return int(torch.randperm(num_batches, generator=generator)[k])
+
+
+def empty_like_host(t):
+    """torch.empty_like that keeps a host buffer pinned: .to(cuda, non_blocking=True) from pageable memory
+    would be a synchronous copy."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, pin_memory=t.is_pinned())
+
+
+class LayerCache:
+    """Hidden states of N batches at one layer boundary, for the teacher (and the student, with latent
+    "student"), moved up the network by `begin_layer` / `end_layer`.
+
+    `teacher_latent` is the teacher's hidden state entering layer `layer`; begin_layer(i) moves it past layer i,
+    so it is the target of every step of layer i and, at end_layer, already the cache entering layer i + 1.
+    `inputs` is what a step of layer i starts from (after the frozen attention sublayer for a decoder target):
+    the teacher's h_i in a buffer of its own, or with latent "student" the student's own latent. Two buffers at a
+    time either way.
+    """
+
+    @torch.no_grad()
+    def __init__(self, teacher, student, tokens, cache_device, ctx, *, latent="teacher", target="decoder"):
+        self.teacher, self.student, self.ctx, self.target = teacher, student, ctx, target
+        self.device = teacher.embed.weight.device
+        pin = str(cache_device) == "cpu" and str(self.device).startswith("cuda")  # streams to the GPU async
+        B, T = tokens[0].shape
+        self.cos, self.sin = teacher.rope(0, T, self.device)
+        self.teacher_latent = torch.empty((len(tokens), B, T, teacher.config.n_embd), dtype=torch.float32,
+                                   device=cache_device, pin_memory=pin)
+        for n, x in enumerate(tokens):
+            self.teacher_latent[n].copy_(teacher.embed(x.to(self.device)).float())
+        # with latent "student" the student's latent starts as the same embeddings and moves on by itself
+        self.student_latent = None
+        if latent == "student":
+            self.student_latent = empty_like_host(self.teacher_latent).copy_(self.teacher_latent)
+        self.layer = 0  # the layer whose input latents the cache holds
+        self.inputs = None
+
+    @torch.no_grad()
+    def map(self, fn, latents, out):
+        """out[n] = fn(latents[n]) for every cached batch n, one at a time; out may be latents (in place)."""
+        for n in range(latents.shape[0]):
+            with self.ctx:
+                y = fn(latents[n].to(self.device, non_blocking=True))
+            out[n].copy_(y.float())
+        return out
+
+    def advance(self, layer):
+        """Move to the latents entering `layer` (each model through its own blocks, once per batch)."""
+        assert self.inputs is None, "advance between layers, not inside one"
+        while self.layer < layer:
+            j = self.layer
+            self.map(lambda x: self.teacher.blocks[j](x, self.cos, self.sin), self.teacher_latent,
+                     self.teacher_latent)
+            if self.student_latent is not None:
+                self.map(lambda x: self.student.blocks[j](x, self.cos, self.sin), self.student_latent,
+                         self.student_latent)
+            self.layer = j + 1
+
+    def begin_layer(self, layer):
+        """Advance to `layer` and return (inputs, targets) for training it."""
+        self.advance(layer)
+        teacher_block = lambda x: self.teacher.blocks[layer](x, self.cos, self.sin)
+        if self.student_latent is None:
+            self.inputs = self.teacher_latent
+            self.teacher_latent = self.map(teacher_block, self.inputs, empty_like_host(self.inputs))
+        else:
+            self.map(teacher_block, self.teacher_latent, self.teacher_latent)
+            self.inputs = self.student_latent
+        if self.target == "decoder":  # the attention sublayer stays fixed: apply it once, in place
+            block = self.student.blocks[layer]
+            self.map(lambda x: frozen_part(block, x, self.cos, self.sin), self.inputs, self.inputs)
+        return self.inputs, self.teacher_latent
+
+    def end_layer(self):
+        """After training the layer: the cache holds the latents entering the next one."""
+        if self.student_latent is not None:  # the student's latent goes through the layer as trained
+            block = self.student.blocks[self.layer]
+            self.map(lambda x: trainable_part(block, x, self.cos, self.sin, self.target), self.inputs, self.inputs)
+        self.inputs = None  # with the teacher's latent, h_i is not needed again
+        self.layer += 1
+
+    @torch.no_grad()
+    def val_loss(self, env, cosine_weight=0.0):
+        """The layer loss of the current layer, averaged over this cache's batches on every rank."""
+        block = self.student.blocks[self.layer]
+        total = torch.zeros(2, dtype=torch.float64, device=env.device)
+        for n in range(self.inputs.shape[0]):
+            x, y = self.inputs[n].to(self.device), self.teacher_latent[n].to(self.device)
+            with self.ctx:
+                out = trainable_part(block, x, self.cos, self.sin, self.target)
+            total[0] += layer_loss(out.float(), y, x, cosine_weight).double()
+            total[1] += 1
+        if env.ddp:
+            torch.distributed.all_reduce(total)
+        return (total[0] / total[1].clamp(min=1)).item()

@@ -1,0 +1,181 @@
+"""Losses on the LM head, a chunk of tokens at a time: next-token CE, KD = T^2 * KL(teacher || student) over the
+full vocabulary or over the teacher's top-k ids plus a tail bucket, their mix, and the eval numbers.
+
+One routine serves train.py (CE), distill.py phase 2 (CE + KD) and every eval. Each chunk's logits are formed,
+turned into the chunk's loss and straight into the gradients for the hidden states and the head weight, then
+freed: neither model's (N, vocab) fp32 logits exist at once, in forward or backward, and nothing is recomputed.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def default_chunk_rows(vocab_size):
+    return max(1, 2 ** 25 // vocab_size)  # ~128 MiB of fp32 logits per chunk
+
+
+def kl_full(student_logits, teacher_logits, temperature=1.0):
+    """Per row: T^2 * KL(softmax(teacher / T) || softmax(student / T)) over the whole vocabulary, in fp32."""
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return temperature ** 2 * (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def kl_topk(student_logits, teacher_logits, k, temperature=1.0):
+    """Per row: T^2 * the exact KL over k+1 buckets, the teacher's top-k ids one by one and everything else as
+    one tail bucket (the teacher's tail mass vs the student's tail mass on the same ids). Merging buckets can
+    only lose divergence, so 0 <= kl_topk <= kl_full, with equality at k = vocab (the tail is empty)."""
+    s = student_logits.float() / temperature
+    t = teacher_logits.float() / temperature
+    k = min(k, t.shape[-1])
+    top_t, ids = t.topk(k, dim=-1)
+    lse_t, lse_s = t.logsumexp(-1, keepdim=True), s.logsumexp(-1, keepdim=True)
+    log_p = top_t - lse_t  # the teacher's log-probabilities of its top k
+    log_q = s.gather(-1, ids) - lse_s  # the student's on the same ids
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if k < t.shape[-1]:  # the tail bucket's masses, from logsumexp over the other ids (exact, no 1 - sum)
+        in_top = torch.zeros_like(t, dtype=torch.bool).scatter_(-1, ids, True)
+        log_p_tail = t.masked_fill(in_top, float("-inf")).logsumexp(-1) - lse_t.squeeze(-1)
+        log_q_tail = s.masked_fill(in_top, float("-inf")).logsumexp(-1) - lse_s.squeeze(-1)
+        kl = kl + log_p_tail.exp() * (log_p_tail - log_q_tail)
+    return temperature ** 2 * kl
+
+
+def kd_rows(student_logits, teacher_logits, temperature, top_k):
+    return (kl_full(student_logits, teacher_logits, temperature) if top_k == 0
+            else kl_topk(student_logits, teacher_logits, top_k, temperature))
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """Mean over tokens of alpha * KD + (1 - alpha) * CE of (hidden @ weight.T), one chunk of rows at a time.
+
+    The gradient with respect to a chunk's logits is built in forward (CE's softmax - onehot in closed form,
+    KD's through autograd on the logits alone), then pushed through the head matmul by hand; backward only
+    scales what forward stored. Returns (loss, mean CE, mean KD); the last two are for logging.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_weight, options):
+        alpha, temperature, top_k, chunk_rows, need_hidden_grad, need_weight_grad = options
+        valid = targets != -100
+        n_valid = valid.sum().clamp(min=1)
+        sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)  # CE, KD
+        need_grad = need_hidden_grad or need_weight_grad
+        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight_grad else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h, t, ok = hidden[rows], targets[rows], valid[rows]
+            logits = (h @ weight.t()).float()
+            safe_t = t.clamp(min=0)
+            log_z = torch.logsumexp(logits, dim=-1)
+            sums[0] += ((log_z - logits.gather(1, safe_t[:, None]).squeeze(1)) * ok).sum()
+            kd_grad = None
+            if alpha > 0:
+                with torch.no_grad():
+                    teacher_logits = (teacher_hidden[rows] @ teacher_weight.t()).float()
+                with torch.enable_grad():
+                    student_logits = logits.detach().requires_grad_(need_grad)
+                    kd = (kd_rows(student_logits, teacher_logits, temperature, top_k) * ok).sum()
+                    if need_grad:
+                        (kd_grad,) = torch.autograd.grad(kd, student_logits)
+                sums[1] += kd.detach()
+            if not need_grad:
+                continue
+            # d(mean loss)/d logits: (1 - alpha) (softmax - onehot) on valid rows, plus alpha * dKD, over n_valid
+            g = logits.sub_(log_z[:, None]).exp_()
+            g[torch.arange(len(t), device=t.device), safe_t] -= 1.0
+            g *= ((1 - alpha) * ok.float())[:, None]
+            if kd_grad is not None:
+                g += alpha * kd_grad
+            g = (g / n_valid).to(weight.dtype)
+            if need_hidden_grad:
+                grad_hidden[rows] = (g @ weight.to(g.dtype)).to(hidden.dtype)
+            if need_weight_grad:
+                grad_weight += (g.t() @ h.to(g.dtype)).float()
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
+        ce_mean, kd_mean = sums[0] / n_valid, sums[1] / n_valid
+        ctx.mark_non_differentiable(ce_mean, kd_mean)
+        return alpha * kd_mean + (1 - alpha) * ce_mean, ce_mean, kd_mean
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kd):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
+                None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
+                None, None, None, None)
+
+
+def head_loss(hidden, weight, targets, *, teacher=None, alpha=0.0, temperature=1.0, top_k=0, chunk_rows=1024):
+    """(loss, ce, kd) for hidden states (N, C), head weight (V, C) and next-token targets (N,), -100 ignored.
+    `teacher` is (teacher_hidden, teacher_weight), needed when alpha > 0; loss = alpha * KD + (1 - alpha) * CE
+    with KD = T^2 * KL(teacher || student), over the full vocabulary (top_k = 0) or top-k + tail."""
+    if alpha > 0 and teacher is None:
+        raise ValueError(f"alpha = {alpha} mixes in KD, which needs the teacher's hidden states and head weight")
+    teacher_hidden, teacher_weight = teacher if teacher is not None else (None, None)
+    # autograd.Function.forward runs with grad disabled, so which gradients to build is decided here
+    need_h = torch.is_grad_enabled() and hidden.requires_grad
+    need_w = torch.is_grad_enabled() and weight.requires_grad
+    options = (float(alpha), float(temperature), int(top_k), int(chunk_rows), need_h, need_w)
+    return ChunkedHeadLoss.apply(hidden, weight, targets, teacher_hidden, teacher_weight, options)
+
+
+@torch.no_grad()
+def teacher_val_hidden(teacher, batches, ctx):
+    """The teacher's final normed hidden states (B*T, C) for each val window, computed once per run: every
+    eval then only applies the head, instead of a teacher forward (for distill, per layer: 30x a rotation for
+    SmolLM2). Memory per rank: eval tokens / world size x n_embd x 4 bytes in fp32 (2 in bf16), e.g. 65,536
+    tokens x 576 = 151 MB (SmolLM2-135M, fp32), on the device."""
+    hidden = []
+    for x, _ in batches:
+        with ctx:
+            hidden.append(teacher(x).flatten(0, 1))
+    return hidden
+
+
+@torch.no_grad()
+def evaluate(model, batches, env, ctx, *, chunk_rows=1024, teacher=None, teacher_hidden=None):
+    """On fixed val tokens: the model's CE and perplexity and, with a teacher, the teacher's CE,
+    KL(teacher || model) and top-1 agreement (how often both argmaxes are the same token). The teacher's hidden
+    states come from `teacher_hidden` (teacher_val_hidden of the same batches) when given, else from a teacher
+    forward. Sums over tokens and ranks, so the numbers are the same for any world size."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=env.device)  # CE, teacher CE, KL, agree, tokens
+    for n, (x, y) in enumerate(batches):
+        with ctx:
+            hs = model(x).flatten(0, 1)
+            ht = None
+            if teacher is not None:
+                ht = teacher_hidden[n] if teacher_hidden is not None else teacher(x).flatten(0, 1)
+        y = y.reshape(-1)
+        for start in range(0, len(y), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            with ctx:
+                ls = (hs[rows] @ model.lm_head.weight.t()).float()
+            sums[0] += F.cross_entropy(ls, y[rows], reduction="sum").double()
+            sums[4] += len(y[rows])
+            if teacher is not None:
+                with ctx:
+                    lt = (ht[rows] @ teacher.lm_head.weight.t()).float()
+                sums[1] += F.cross_entropy(lt, y[rows], reduction="sum").double()
+                sums[2] += kl_full(ls, lt).sum().double()
+                sums[3] += (ls.argmax(-1) == lt.argmax(-1)).sum().double()
+    if env.ddp:
+        torch.distributed.all_reduce(sums)
+    model.train(was_training)
+    n = sums[4].clamp(min=1)
+    ce = (sums[0] / n).item()
+    result = {"val_ce": ce, "val_ppl": math.exp(ce)}
+    if teacher is not None:
+        result.update(teacher_ce=(sums[1] / n).item(), kl=(sums[2] / n).item(), top1_agree=(sums[3] / n).item())
+    return result
+
+
+def eval_line(where, result):
+    line = f"eval | {where} | student ce {result['val_ce']:.4f} ppl {result['val_ppl']:.2f}"
+    if "kl" in result:
+        line += (f" | teacher ce {result['teacher_ce']:.4f} | kl {result['kl']:.4f} | "
+                 f"top-1 agree {100 * result['top1_agree']:.1f}%")
+    return line

@@ -1,0 +1,95 @@
+"""Where a script runs: the device, torchrun's process group, the precision, and printing on rank 0."""
+import contextlib
+import os
+import types
+
+import torch
+from tqdm import tqdm
+
+
+def is_rank0():
+    # torchrun sets RANK before the process group exists, so this holds from the first line of a script
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def say(*args):
+    """Print on rank 0 only, above any tqdm bar."""
+    if is_rank0():
+        tqdm.write(" ".join(str(a) for a in args))
+
+
+def setup_device(device="auto"):
+    """Initialise torch.distributed when launched by torchrun, and pick the device.
+
+    Returns a SimpleNamespace with device, device_type, rank, local_rank, world_size, is_master and ddp.
+    On CUDA and ROCm (which PyTorch also calls "cuda") the backend is NCCL/RCCL; on CPU it is gloo. On a GPU,
+    fp32 matmuls outside autocast may use TF32: the precision every script here wants there.
+    """
+    ddp = int(os.environ.get("RANK", "-1")) != -1
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(f"device '{device}' requested but torch sees no CUDA/ROCm GPU "
+                             f"(torch {torch.__version__}); use --device cpu")
+        if ddp:
+            device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        torch.set_float32_matmul_precision("high")
+    if ddp and not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        torch.distributed.init_process_group(backend=backend, device_id=torch.device(device)
+                                             if backend == "nccl" else None)
+    return types.SimpleNamespace(device=device, device_type="cuda" if device.startswith("cuda") else "cpu",
+                                 rank=rank, local_rank=local_rank, world_size=world_size,
+                                 is_master=rank == 0, ddp=ddp)
+
+
+def shutdown(env):
+    if env.ddp and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def resolve_dtype(dtype, device_type):
+    """'auto' -> bf16 on a GPU that supports it, fp32 otherwise (bf16 matmuls on CPU are very slow)."""
+    if dtype == "auto":
+        if device_type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise SystemExit(f"unknown dtype '{dtype}'; expected one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def autocast(device_type, dtype):
+    """Mixed precision context: weights stay fp32, matmuls run in `dtype`. A no-op for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def all_reduce_mean(value, env):
+    """Average a Python float over DDP ranks (identity without DDP)."""
+    if not env.ddp:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    torch.distributed.all_reduce(t)
+    return t.item() / env.world_size
+
+
+def peak_flops(device):
+    """Peak dense bf16 FLOP/s of the GPU if we know it exactly, else None (no MFU beats a wrong MFU)."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    table = [("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l40s", 362e12), ("a10g", 125e12),
+             ("4090", 165e12), ("3090", 71e12), ("mi300x", 1307e12), ("mi250x", 383e12)]
+    for key, flops in table:
+        if key in name:
+            return flops
+    return None
