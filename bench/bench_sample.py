@@ -27,12 +27,12 @@ from hf_interop import from_pretrained  # noqa: E402
 from sample import generate  # noqa: E402
 
 MODEL: Optional[str] = None  # an HF Llama dir to benchmark; None = random weights in the SmolLM2-135M shape
-PROMPT_TOKENS = 128  # prompt length (random token ids)
-NEW_TOKENS = 128  # tokens generated per run
-ROUNDS = 5  # alternating rounds of (ours, [ours compiled,] transformers); medians are reported
-THREADS = 0  # torch intra-op threads (0 = torch's default)
-SEED = 0  # seed for the random weights and the prompt
-COMPILE = False  # also time ours with sample.py's torch.compiled decode step (a third side; transformers stays eager)
+PROMPT_TOKENS: int = 128  # prompt length (random token ids)
+NEW_TOKENS: int = 128  # tokens generated per run
+ROUNDS: int = 5  # alternating rounds of (ours, [ours compiled,] transformers); medians are reported
+THREADS: int = 0  # torch intra-op threads (0 = torch's default)
+SEED: int = 0  # seed for the random weights and the prompt
+COMPILE: bool = False  # also time ours with sample.py's torch.compiled decode step (a third side; transformers stays eager)
 
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
