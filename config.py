@@ -1,16 +1,25 @@
-"""The settings layer. Each script declares its defaults as UPPER_CASE module constants with a one-line comment,
-then calls `configure(globals())`. That reads `--config file.yaml` and command-line overrides, checks every key
-and type against the constants, writes the effective values back into the namespace, and returns them as a
+"""The settings layer. A script's settings are its annotated UPPER_CASE module constants, each with a one-line
+comment (`BATCH_SIZE: int = 8  # sequences per batch`); a plain constant without an annotation is fixed by the
+code. `configure(globals())` applies `--config file.yaml` and command-line overrides through argparse, coerces
+each value to the annotated type, writes the effective values back into the namespace, and returns them as a
 plain dict (lower-case keys) to be saved with runs and checkpoints.
 """
+import argparse
+import ast
 import difflib
+import io
 import os
 import re
 import sys
+import tokenize
 import types
 import typing
 
 import yaml
+
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+_EXPECTED = {bool: "a bool (true/false)", int: "an int", float: "a float", str: "a string", dict: "a mapping"}
+
 
 class ConfigError(SystemExit):
     """A bad key or value from YAML or the command line: exits non-zero with a message for the user."""
@@ -19,16 +28,17 @@ class ConfigError(SystemExit):
         super().__init__(f"config error: {message}")
 
 
-def _constant_comments(source_file):
-    """Map NAME -> the comment at the end of its `NAME = value  # comment` line in the script."""
-    comments = {}
-    if source_file and os.path.exists(source_file):
-        with open(source_file, encoding="utf-8") as f:
-            for line in f:
-                m = re.match(r"^([A-Z][A-Z0-9_]*)\s*(?::[^=]+)?=.*?#\s*(.*)$", line)
-                if m:
-                    comments[m.group(1)] = m.group(2).strip()
-    return comments
+class _YamlLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping, where PyYAML would silently keep the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = []  # a list, not a set: a YAML key may be unhashable, and the base class reports that itself
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.append(key)
+        return super().construct_mapping(node, deep)
 
 
 def _type_name(tp):
@@ -39,110 +49,138 @@ def coerce(value, tp, key):
     """Convert `value` (a YAML-parsed object or a command-line string) to type `tp`, or raise ConfigError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
-            if type(None) in args:
-                return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        if type(None) in args and (value is None or str(value).lower() in ("none", "null", "~")):
+            return None
+        for arg in (a for a in args if a is not type(None)):
             try:
                 return coerce(value, arg, key)
             except ConfigError:
                 pass
         raise ConfigError(f"key '{key}': value {value!r} is not {_type_name(tp)}")
     if origin in (list, tuple) or tp in (list, tuple):
-        if isinstance(value, str):
+        if isinstance(value, str):  # a command-line list: YAML's `[64, null]` or plain `64,null`
             text = value.strip()
-            parsed = yaml.safe_load(text if text.startswith("[") else f"[{text}]") if text else []
-            value = parsed
+            value = _parse_yaml(text if text.startswith("[") else f"[{text}]", key) if text else []
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"key '{key}': expected a list, got {value!r}")
         container = tuple if (origin or tp) is tuple else list
-        if not args:
-            return container(value)
-        if container is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        if container is tuple and args and args[-1] is not Ellipsis:  # tuple[float, float]: exactly two
             if len(args) != len(value):
                 raise ConfigError(f"key '{key}': expected {len(args)} items, got {len(value)}: {value!r}")
             return tuple(coerce(v, a, key) for v, a in zip(value, args))
-        return container(coerce(v, args[0], key) for v in value)
+        return container(coerce(v, args[0], key) if args else v for v in value)
     if tp is typing.Any:
         return value
+    kind = origin or tp  # dict[str, int] is checked as a dict
+    if kind not in _EXPECTED:
+        raise ConfigError(f"key '{key}': unsupported constant type {_type_name(tp)}")
+    if kind is dict and isinstance(value, str):  # --model-config "{n_layer: 4}"
+        value = _parse_yaml(value, key)
+    try:
+        return _scalar(value, kind)
+    except ValueError:
+        raise ConfigError(f"key '{key}': expected {_EXPECTED[kind]}, got {value!r}") from None
+
+
+def _parse_yaml(text, key):
+    try:
+        return yaml.load(text, _YamlLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"key '{key}': {text!r} is not valid YAML: {e}") from None
+
+
+def _scalar(value, tp):
+    """`value` as the scalar type `tp` (bool, int, float, str or dict), or ValueError where it is not one."""
     if tp is bool:
+        value = _BOOLS.get(value.lower(), value) if isinstance(value, str) else value
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        raise ConfigError(f"key '{key}': expected a bool (true/false), got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"key '{key}': expected an int, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value.replace("_", ""))
-            except ValueError:
-                number = None
-            if number is not None and number.is_integer():
-                return int(number)
-        raise ConfigError(f"key '{key}': expected an int, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"key '{key}': expected a float, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # YAML reads `out_dir: 2024` as an int; a path is still what was meant
-        raise ConfigError(f"key '{key}': expected a string, got {value!r}")
-    if tp is dict or typing.get_origin(tp) is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"key '{key}': expected a mapping, got {value!r}")
+    elif isinstance(value, bool):
+        raise ValueError  # YAML's `true` is not the int 1, nor the string "true"
+    elif tp is int:
+        number = float(value.replace("_", "")) if isinstance(value, str) else value  # "65_536" and "1e6" are ints
+        if isinstance(number, int) or (isinstance(number, float) and number.is_integer()):
+            return int(number)
+    elif tp is float and isinstance(value, (int, float, str)):
+        return float(value)
+    elif tp is str and isinstance(value, (int, float, str)):
+        return str(value)  # YAML reads `out_dir: 2024` as an int; a path is still what was meant
+    elif tp is dict and isinstance(value, dict):
         return value
-    raise ConfigError(f"key '{key}': unsupported constant type {_type_name(tp)}")
+    raise ValueError
 
 
-def _assigned_in_source(source_file):
-    """Names the script itself assigns at top level (`NAME = ...`): its settings. Imported constants such as
-    data.MAGIC are the script's tools, not its settings, and stay out of the config."""
-    with open(source_file, encoding="utf-8") as f:
-        return {m.group(1) for m in re.finditer(r"(?m)^([A-Z][A-Z0-9_]*)\s*(?::[^=\n]+)?=", f.read())}
-
-
-def _constant_types(namespace):
-    annotations = namespace.get("__annotations__", {})
-    source_file = namespace.get("__file__")
-    own = _assigned_in_source(source_file) if source_file and os.path.exists(source_file) else None
-    types_ = {}
-    for name, default in namespace.items():
-        if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name) or (own is not None and name not in own):
-            continue
-        if name in annotations:
-            tp = annotations[name]
+def _settings(namespace):
+    """{NAME: type} of the annotated UPPER_CASE names: an un-annotated one (a fixed table, an imported data.MAGIC)
+    is a tool of the script, not a setting."""
+    settings = {}
+    for name, tp in namespace.get("__annotations__", {}).items():
+        if name.isupper() and not name.startswith("_"):
             if isinstance(tp, str):  # `from __future__ import annotations` would make every type a string
                 raise TypeError(f"constant {name} has a string annotation {tp!r}; write the type itself")
-        elif isinstance(default, tuple) and default:  # (0.9, 0.95) means exactly two floats
-            tp = tuple[tuple(type(v) for v in default)]
-        elif isinstance(default, list) and default and len({type(v) for v in default}) == 1:
-            tp = list[type(default[0])]
-        elif isinstance(default, (bool, int, float, str, list, tuple, dict)):
-            tp = type(default)
-        else:
-            continue  # modules, classes, functions imported as UPPER_CASE are not config
-        types_[name] = tp
-    return types_
+            if name not in namespace:
+                raise TypeError(f"setting {name} has a type but no default value")
+            settings[name] = tp
+    return settings
+
+
+def _comments(source_file):
+    """NAME -> the comment on the line where `NAME: type = value` starts in the script: its --help text."""
+    if not source_file or not os.path.exists(source_file):
+        return {}
+    with open(source_file, "rb") as f:
+        source = f.read()
+    starts = {node.lineno: node.target.id for node in ast.parse(source).body
+              if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    return {starts[tok.start[0]]: tok.string.lstrip("#").strip()
+            for tok in tokenize.tokenize(io.BytesIO(source).readline)
+            if tok.type == tokenize.COMMENT and tok.start[0] in starts}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print its usage and exit 2; this says what is wrong like the rest
+        raise ConfigError(message)
+
+
+def _parser(namespace, settings, positional):
+    script = os.path.basename(namespace.get("__file__", "script"))
+    usage = " ".join(["%(prog)s", *(p.lower() for p in positional), "[--config FILE.yaml]",
+                      "[--name value | --name=value | name=value ...]"])
+    parser = _Parser(prog=f"python {script}", usage=usage, allow_abbrev=False,
+                     formatter_class=argparse.RawTextHelpFormatter,
+                     description="Each setting below can be set in a YAML file (lower-case key) or on the command "
+                                 "line;\nthe command line wins over YAML, YAML wins over the default. "
+                                 "A bool flag given alone means true.")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE.yaml",
+                        help="YAML file of settings (lower-case keys); repeat it to apply several in order")
+    comments = _comments(namespace.get("__file__"))
+    for name, tp in settings.items():
+        text = f"{comments.get(name, '')} (default {namespace[name]!r})".strip()
+        parser.add_argument("--" + name.lower().replace("_", "-"), dest=name, metavar=_type_name(tp),
+                            default=argparse.SUPPRESS, help=text.replace("%", "%%"))
+    return parser
+
+
+def _normalise(argv, settings):
+    """argv with each override as one `--name-with-dashes=value` token: `name=value` and `--name_x` are the same
+    override, a bare bool flag means true, and a value such as `--prompt a=b` or `-0.5` is never read as an option."""
+    out, rest = [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if re.match(r"[A-Za-z_][\w-]*=", arg):
+            arg = "--" + arg
+        if not arg.startswith("--") or arg == "--":
+            out.append(arg)
+            continue
+        key, eq, value = arg[2:].partition("=")
+        key = key.lower().replace("_", "-")
+        tp = str if key == "config" else settings.get(key.replace("-", "_").upper())
+        if not eq and tp is bool:
+            eq, value = "=", rest.pop(0) if rest and rest[0].lower() in _BOOLS else "true"
+        elif not eq and tp and rest:
+            eq, value = "=", rest.pop(0)
+        out.append(f"--{key}{eq}{value}")
+    return out
 
 
 def _unknown_key(key, known, origin):
@@ -151,102 +189,52 @@ def _unknown_key(key, known, origin):
     return ConfigError(f"unknown key '{key}' (from {origin}){hint} Known keys: {', '.join(sorted(known))}")
 
 
-def _help_text(script, types_, namespace, comments, positional):
-    lines = [f"usage: python {os.path.basename(script)} "
-             + " ".join(p.lower() for p in positional)
-             + " [--config FILE.yaml] [--name value | --name=value | name=value ...]", "",
-             "Every constant below can be set in a YAML file (lower-case key) or on the command line;",
-             "the command line wins over YAML, YAML wins over the default. Bool flags may be given alone.", ""]
-    width = max(len(n) for n in types_) + 2 if types_ else 10
-    for name, tp in types_.items():
-        flag = "--" + name.lower().replace("_", "-")
-        lines.append(f"  {flag:<{width + 2}} {_type_name(tp):<18} default {namespace[name]!r}")
-        if comments.get(name):
-            lines.append(f"  {'':<{width + 2}} {comments[name]}")
-    return "\n".join(lines)
+def _read_yaml(path, settings):
+    if not os.path.exists(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            loaded = yaml.load(f, _YamlLoader) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of key: value, got {type(loaded).__name__}")
+    known = {name.lower() for name in settings}
+    overrides = {}
+    for key, value in loaded.items():
+        key = str(key).replace("-", "_").lower()
+        if key not in known:
+            raise _unknown_key(key, known, path)
+        overrides[key.upper()] = coerce(value, settings[key.upper()], f"{key} in {path}")
+    return overrides
 
 
 def configure(namespace, argv=None, positional=()):
-    """Apply `--config FILE.yaml` and CLI overrides to the UPPER_CASE constants in `namespace`.
-
-    CLI forms: `--name value`, `--name=value`, `name=value`; a bool constant may be given as a bare `--name`.
-    `positional` names constants filled, in order, by bare arguments (e.g. sample.py's MODEL).
-    Returns {lower_case_name: value} of the effective config, and prints it on rank 0.
-    """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    script = namespace.get("__file__", "script")
-    types_ = _constant_types(namespace)
-    known = {n.lower(): n for n in types_}
-    comments = _constant_comments(namespace.get("__file__"))
-    if any(a in ("-h", "--help") for a in argv):
-        print(_help_text(script, types_, namespace, comments, positional))
-        raise SystemExit(0)
-
-    cli, config_files, bare = [], [], []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith("--"):
-            body = arg[2:]
-            key, has_value, value = body.partition("=")
-            key = key.replace("-", "_").lower()
-            if key == "config":
-                if not has_value:
-                    if i + 1 >= len(argv):
-                        raise ConfigError("--config needs a YAML file path")
-                    value, i = argv[i + 1], i + 1
-                config_files.append(value)
-            elif has_value:
-                cli.append((key, value, arg))
-            elif key in known and types_[known[key]] is bool and (
-                    i + 1 >= len(argv) or argv[i + 1].lower() not in ("true", "false", "1", "0", "yes", "no")):
-                cli.append((key, "true", arg))
-            else:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"{arg} needs a value")
-                cli.append((key, argv[i + 1], arg))
-                i += 1
-        elif re.match(r"^[A-Za-z_][A-Za-z0-9_-]*=", arg):
-            key, _, value = arg.partition("=")
-            cli.append((key.replace("-", "_").lower(), value, arg))
-        else:
-            bare.append(arg)
-        i += 1
-    if len(bare) > len(positional):
-        raise ConfigError(f"unexpected argument(s) {bare[len(positional):]!r}; "
+    """Apply `--config FILE.yaml` files, then positional values, then `--name value`, `--name=value` or `name=value`
+    overrides to the settings in `namespace`. `positional` names settings filled, in order, by bare arguments
+    (e.g. sample.py's MODEL). Returns {lower_case_name: value} of the effective config, printed on rank 0."""
+    settings = _settings(namespace)
+    parser = _parser(namespace, settings, positional)
+    args, extras = parser.parse_known_args(_normalise(sys.argv[1:] if argv is None else argv, settings))
+    for extra in extras:
+        if extra.startswith("-"):
+            key = extra.lstrip("-").partition("=")[0].replace("-", "_")
+            raise _unknown_key(key, [n.lower() for n in settings], f"command line '{extra}'")
+    if len(extras) > len(positional):
+        raise ConfigError(f"unexpected argument(s) {extras[len(positional):]!r}; "
                           f"overrides look like --name value, --name=value or name=value")
-
     overrides = {}
-    for path in config_files:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file '{path}' does not exist")
-        with open(path, encoding="utf-8") as f:
-            try:
-                loaded = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config file '{path}' is not valid YAML: {e}")
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{path}' must be a mapping of key: value, got {type(loaded).__name__}")
-        for key, value in loaded.items():
-            key = str(key).replace("-", "_").lower()
-            if key not in known:
-                raise _unknown_key(key, known, path)
-            overrides[known[key]] = coerce(value, types_[known[key]], f"{key} in {path}")
-    for name, value in zip(positional, bare):
-        overrides[name] = coerce(value, types_[name], name.lower())
-    for key, value, origin in cli:
-        if key not in known:
-            raise _unknown_key(key, known, f"command line '{origin}'")
-        overrides[known[key]] = coerce(value, types_[known[key]], key)
-
+    for path in args.config:
+        overrides.update(_read_yaml(path, settings))
+    given = {**dict(zip(positional, extras)), **{k: v for k, v in vars(args).items() if k != "config"}}
+    overrides.update({name: coerce(value, settings[name], name.lower()) for name, value in given.items()})
     namespace.update(overrides)
-    config = {name.lower(): namespace[name] for name in types_}
+    config = {name.lower(): namespace[name] for name in settings}
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"config for {os.path.basename(script)}:")
+        print(f"config for {os.path.basename(namespace.get('__file__', 'script'))}:")
         for key, value in config.items():
             print(f"  {key} = {value!r}")
     return config
-
 
 
 def check_at_least(settings, minimum, names):

@@ -5,14 +5,19 @@
     python distill.py --config configs/distill_smollm2_mlp_half.yaml --resume   # continue exactly after a crash
 
 The student starts as a copy of the teacher (embeddings, attention, norms, head) with per-layer changes: MLPs
-replaced by a plain MLP of another activation and width whose output projection starts at zero (so the student
-starts as "the teacher minus those MLPs"), and/or attention made a sliding window in all but a few layers.
+replaced by an MLP of another kind or width, and/or attention made a sliding window in all but a few layers. A new
+MLP starts from the teacher's (MLP_INIT=prune): its most important neurons (mean |activation| x the norm of the
+neuron's down column, on the first NUM_BATCHES train batches), an exact sub-network for a SwiGLU student, with
+the down projection then refit by least squares to the teacher MLP's output on those tokens (REFIT_DOWN); or it
+starts with its down projection at zero, the student being "the teacher minus those MLPs" (MLP_INIT=zero).
 
 Phase 1, layer-wise rotation. For each layer i of LAYERS, ROTATIONS times, STEPS_PER_LAYER AdamW steps train only
 layer i's target: decoder (mlp_norm + MLP), attn (attn_norm + attention) or block (the whole layer). The loss
 compares the student's layer i, run on an input latent, with the teacher's hidden state after layer i on the
-same latent: MSE on the hidden state after layer i, optionally + COSINE_WEIGHT * (1 - cosine) of the layer's
-update to the residual stream. For the decoder target on the teacher's latent that MSE is exactly the MSE of
+same latent: MSE on the hidden state after layer i (LAYER_LOSS=nmse divides it by the mean square of the
+teacher's update in that layer, so a layer with massive activations neither dominates nor trains differently),
+optionally + COSINE_WEIGHT * (1 - cosine) of the layer's update to the residual stream. The log shows R^2 per
+layer: the share of the teacher's update the student reproduces. For the decoder target on the teacher's latent that MSE is exactly the MSE of
 the student's MLP output against the teacher's. The rest of the network stays the teacher's. The teacher's
 hidden states for the phase's NUM_BATCHES batches live in a cache advanced one layer at a time, so a rotation
 costs about one teacher forward over those batches; each step runs only layer i's trainable part (a decoder
@@ -48,8 +53,8 @@ from hf_interop import (llama_incompatible_layers, load_model, load_tokenizer, m
 from layer_cache import LayerCache, batch_index, cache_bytes, layer_loss, trainable_part
 from model import MLP_KINDS
 from runtime import autocast, resolve_dtype, say, setup_device, shutdown
-from student import (build_student, check_layers, check_student_matches_teacher, layer_target, phase2_target,
-                     set_trainable, student_config)
+from student import (build_student, check_layers, check_student_matches_teacher, init_mlps_from_teacher,
+                     layer_target, phase2_target, set_trainable, student_config)
 from training import (all_reduce_gradients, changed_settings, guarded_step, load_optimizer_state, lr_at,
                       micro_batches, restore_training_state, save_run_checkpoint, set_lr)
 
@@ -66,6 +71,8 @@ PHASES: str = "12"  # which phases run: "1" (layer-wise), "2" (logit distillatio
 MLP_KIND: str = "relu2"  # MLP of the replaced layers: relu2 | gelu | silu | swiglu, or keep (the teacher's MLP)
 MLP_HIDDEN: Optional[int] = None  # width of the new MLPs; None = half the teacher's, rounded down to a multiple of 8
 MLP_LAYERS: Optional[list[int]] = None  # layers whose MLP is replaced; None = every layer
+MLP_INIT: str = "prune"  # new MLPs start as: prune (the teacher's most important neurons) | zero (down = 0: the teacher minus its MLPs)
+REFIT_DOWN: bool = True  # with prune: refit each new MLP's down projection by least squares to the teacher MLP's output
 WINDOW: Optional[int] = None  # sliding-window size W for attention; None = full attention everywhere
 FULL_ATTN_LAYERS: list[int] = []  # with WINDOW: layers that keep full attention (a hybrid student)
 # phase 1: layer-wise rotation
@@ -74,12 +81,14 @@ ROTATIONS: int = 1  # passes over LAYERS; each pass reads NUM_BATCHES new batche
 STEPS_PER_LAYER: int = 200  # optimizer steps per layer per rotation
 TARGET_TRAINABLE: str = "decoder"  # what trains in layer i: decoder (mlp_norm + MLP) | attn (attn_norm + attention) | block
 LATENT: str = "teacher"  # input latent of layer i: teacher (the teacher's trajectory) | student (the student's own; 2x cache)
+LAYER_LOSS: str = "nmse"  # phase-1 loss: mse | nmse (MSE / mean square of the teacher's update: one scale in every layer)
 COSINE_WEIGHT: float = 0.0  # phase-1 loss = MSE + COSINE_WEIGHT * (1 - cosine of the layer's update to the residual stream)
 NUM_BATCHES: int = 16  # batches per rank held in the phase-1 cache; a layer's steps cycle through them
 CACHE_DEVICE: str = "device"  # where the phase-1 cache lives: device (the accelerator) | cpu (host memory)
 LR_LAYER: float = 1e-3  # phase-1 peak learning rate (a fresh AdamW for each layer)
 WARMUP_LAYER: int = 10  # phase-1 warmup steps at the start of each layer
 CHECKPOINT_EVERY_LAYER: int = 50  # phase 1: save a resumable state every N steps inside a layer (0 = only at its end)
+EVAL_EVERY_LAYERS: int = 0  # phase 1: end-to-end eval after every N layers (0 = only after the last layer of each rotation)
 # phase 2: end-to-end logit distillation
 ALPHA: float = 0.5  # loss = ALPHA * KD + (1 - ALPHA) * CE; 0 = CE only, and the teacher is not loaded
 TEMPERATURE: float = 1.0  # KD temperature T: KL between softmax(logits / T), times T^2
@@ -110,8 +119,8 @@ EXPORT_HF: bool = False  # at the end, export the student to RUN_DIR/hf as a Hug
 
 # Settings a phase-1 resume may change: they do not touch the cached batches, the schedule or the weights.
 # Everything else must match the saved config, or the resumed run could not end where an uninterrupted one would.
-_PHASE1_RESUMABLE_CHANGES = ("resume", "run_dir", "log_every", "keep_checkpoints", "export_hf", "phases",
-                             "cache_device",  # where the cache lives, not what it holds
+PHASE1_RESUMABLE_CHANGES = ("resume", "run_dir", "log_every", "keep_checkpoints", "export_hf", "phases",
+                             "cache_device", "eval_every_layers",  # where the cache lives, when evals run
                              "alpha", "temperature", "top_k", "train_params", "max_steps", "lr", "warmup_steps",
                              "grad_accum", "checkpoint_every")  # phase 2 only
 
@@ -128,7 +137,6 @@ class Run:
     teacher: Optional[torch.nn.Module]  # None for a CE-only phase 2 whose student already exists
     student: torch.nn.Module
     teacher_val: Optional[list] = None  # the teacher's final hidden states of the val windows, computed once
-    last_eval: Optional[dict] = None  # the newest end-to-end eval, saved with the next layer checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -161,7 +169,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(tokenizer_src)
 
     # ---- The student, and what can be refused now that its architecture is known
-    student, start_checkpoint = load_student(s, start.path, teacher)
+    student, start_checkpoint = load_student(s, start.path, teacher, env)
     student.to(env.device)
     layers = phase1_layers(s, student.config)
     check_data_matches_tokenizer(s.data_dir, tokenizer, student.config.vocab_size)
@@ -210,6 +218,7 @@ def check_settings(s):
     """Settings that can be refused before anything is loaded."""
     choices = {"phases": ("1", "2", "12"), "target_trainable": ("decoder", "attn", "block"),
                "latent": ("teacher", "student"), "cache_device": ("device", "cpu"), "mlp_kind": MLP_KINDS + ("keep",),
+               "mlp_init": ("prune", "zero"), "layer_loss": ("mse", "nmse"),
                "train_params": ("all", "blocks", "mlp", "attn"), "lr_schedule": ("trapezoid", "cosine", "constant")}
     for name, allowed in choices.items():
         if getattr(s, name) not in allowed:
@@ -217,7 +226,7 @@ def check_settings(s):
     check_at_least(vars(s), 1, ("rotations", "steps_per_layer", "num_batches", "max_steps", "grad_accum",
                                 "batch_size", "seq_len", "eval_tokens", "loss_chunk", "log_every"))
     check_at_least(vars(s), 0, ("top_k", "warmup_layer", "warmup_steps", "checkpoint_every",
-                                "checkpoint_every_layer", "keep_checkpoints"))
+                                "checkpoint_every_layer", "keep_checkpoints", "eval_every_layers"))
     if not 0 <= s.alpha <= 1:
         raise ConfigError(f"alpha = {s.alpha}; expected a value in [0, 1]")
     if s.temperature <= 0:
@@ -285,7 +294,7 @@ def check_cache_fits(s, n_embd, cache_device, env):
 # ----------------------------------------------------------------------------------------------------------
 # The student
 
-def load_student(s, start_path, teacher):
+def load_student(s, start_path, teacher, env):
     """The student from the checkpoint a run starts at, or built from the teacher; (student, checkpoint)."""
     if start_path is not None:
         student, checkpoint = load_model(start_path)
@@ -295,8 +304,28 @@ def load_student(s, start_path, teacher):
         return student, checkpoint
     config = student_config(teacher.config, s.mlp_kind, s.mlp_hidden, s.mlp_layers, s.window, s.full_attn_layers)
     student, new_mlps = build_student(teacher, config)
-    say(f"student: copy of {s.teacher} with new MLPs in layers {new_mlps} (down projection zero-initialised)")
+    student.to(env.device)
+    say(f"student: copy of {s.teacher} with new MLPs in layers {new_mlps} (mlp_init {s.mlp_init})")
+    if s.mlp_init == "prune" and new_mlps:
+        init_from_teacher(s, student, teacher, new_mlps, env)
     return student, None
+
+
+def init_from_teacher(s, student, teacher, layers, env):
+    """The new MLPs as the teacher's most important neurons, their down projections refit by least squares, on
+    the first NUM_BATCHES train batches of this rank (the batches phase 1's first rotation trains on)."""
+    t0 = time.perf_counter()
+    loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
+                         vocab_size=student.config.vocab_size)
+    tokens = [loader.next_batch()[0] for _ in range(s.num_batches)]
+    report = init_mlps_from_teacher(student, teacher, tokens, layers, env, refit=s.refit_down,
+                                    cache_device=env.device if s.cache_device == "device" else "cpu")
+    mse = lambda key: sum(r[key] for r in report.values()) / len(report)
+    say(f"mlp init: top-{student.config.mlp_hidden[layers[0]]} teacher neurons by importance in layers {layers}"
+        + (", down refit by least squares" if s.refit_down else "")
+        + f" | mean MLP-output MSE vs the teacher {mse('mse_pruned'):.5f} pruned -> {mse('mse_init'):.5f} | "
+          f"{time.perf_counter() - t0:.1f}s")
+    return report
 
 
 def phase1_layers(s, config):
@@ -366,7 +395,7 @@ def run_phase1(run, layers, checkpoint, resume_path):
         rotation_loader = loader.state_dict()  # a checkpoint inside this rotation re-reads its batches from here
         train_tokens = [loader.next_batch()[0] for _ in range(s.num_batches)]
         caches = [LayerCache(run.teacher, run.student, tokens, env.device if s.cache_device == "device" else "cpu",
-                             run.ctx, latent=s.latent, target=s.target_trainable)
+                             run.ctx, latent=s.latent, target=s.target_trainable, loss=s.layer_loss)
                   for tokens in (train_tokens, val_tokens)]
         first = progress["position"] if r == progress["rotation"] else 0
         for pos in range(first, len(layers)):
@@ -374,8 +403,13 @@ def run_phase1(run, layers, checkpoint, resume_path):
             where = {"rotation": r, "position": pos, "layer": layers[pos], "step": step}
             total_steps = train_layer(run, caches, where, rotation_loader, total_steps,
                                       optimizer_state if step > 0 else None)
+            evaluated = pos == len(layers) - 1 or (s.eval_every_layers and (pos + 1) % s.eval_every_layers == 0)
+            result = None
+            if evaluated:  # an end-to-end eval costs many layers' training on a small budget: every N layers only
+                result = evaluate_student(run, f"phase 1 rotation {r} layer {layers[pos]}")
+                run.metrics.write(phase=1, step=total_steps, event="eval", rotation=r, layer=layers[pos], **result)
             save_student(run, f"layer_{r * len(layers) + pos:03d}.pt",
-                         {"phase": 1, "step": total_steps, "loader": rotation_loader, "eval": run.last_eval,
+                         {"phase": 1, "step": total_steps, "loader": rotation_loader, "eval": result,
                           "progress": {**where, "step": s.steps_per_layer}}, prefix="layer_")
         del caches
     save_student(run, "final.pt", {"phase": 1, "step": total_steps, "loader": loader.state_dict(),
@@ -404,8 +438,8 @@ def resume_phase1(run, checkpoint, path, loader, n_layers):
 
 
 def check_phase1_settings(run, checkpoint, path):
-    """Phase 1 resumes exactly only with the settings it was saved with (_PHASE1_RESUMABLE_CHANGES aside)."""
-    changed = changed_settings(checkpoint.get("config", {}), run.config, ignore=_PHASE1_RESUMABLE_CHANGES)
+    """Phase 1 resumes exactly only with the settings it was saved with (PHASE1_RESUMABLE_CHANGES aside)."""
+    changed = changed_settings(checkpoint.get("config", {}), run.config, ignore=PHASE1_RESUMABLE_CHANGES)
     if checkpoint.get("world_size", run.env.world_size) != run.env.world_size:
         changed["world_size"] = (checkpoint.get("world_size"), run.env.world_size)
     if changed:
@@ -416,33 +450,32 @@ def check_phase1_settings(run, checkpoint, path):
 
 
 def train_layer(run, caches, where, rotation_loader, total_steps, optimizer_state):
-    """STEPS_PER_LAYER steps (from where["step"]) that train only layer where["layer"]'s target, then the
-    layer-local val loss before/after and an end-to-end eval (kept in run.last_eval). Returns total steps."""
+    """STEPS_PER_LAYER steps (from where["step"]) that train only layer where["layer"]'s target, with the
+    layer-local val loss and R^2 before and after. Returns the run's total phase-1 steps."""
     s, env, student = run.s, run.env, run.student
     train_cache, val_cache = caches
     i, r = where["layer"], where["rotation"]
     t0 = time.perf_counter()
-    train_cache.begin_layer(i)
-    val_cache.begin_layer(i)
+    for cache in caches:
+        cache.begin_layer(i, env)
     set_trainable(student, layer_target(student.blocks[i], s.target_trainable))
     optimizer = student.configure_optimizer(s.lr_layer, s.weight_decay, s.betas, env.device_type)
-    val_before = None
+    before = (None, None)
     if optimizer_state is not None:
         load_optimizer_state(optimizer, optimizer_state, "the phase-1 state", "start a new --run-dir")
     else:
-        val_before = val_cache.val_loss(env, s.cosine_weight)
+        before = val_cache.val_stats(env, s.cosine_weight)
     say(f"rotation {r} layer {i}: cache ready in {time.perf_counter() - t0:.2f}s"
-        + (f" | val loss before {val_before:.6f}" if val_before is not None else ""))
+        + (f" | val loss before {before[0]:.6f}, R^2 {before[1]:.4f}" if before[0] is not None else ""))
     total_steps = layer_steps(run, train_cache, optimizer, where, rotation_loader, total_steps)
-    val_after = val_cache.val_loss(env, s.cosine_weight)
+    after = val_cache.val_stats(env, s.cosine_weight)
     for cache in caches:
         cache.end_layer()
     student.requires_grad_(False)
-    say(f"rotation {r} layer {i}: val loss {val_after:.6f}"
-        + (f" (from {val_before:.6f})" if val_before is not None else ""))
-    run.last_eval = evaluate_student(run, f"phase 1 rotation {r} layer {i}")
-    run.metrics.write(phase=1, step=total_steps, event="layer_done", rotation=r, layer=i,
-                      val_loss_before=val_before, val_loss_after=val_after, **run.last_eval)
+    say(f"rotation {r} layer {i}: val loss {after[0]:.6f}, R^2 {after[1]:.4f}"
+        + (f" (from {before[0]:.6f}, R^2 {before[1]:.4f})" if before[0] is not None else ""))
+    run.metrics.write(phase=1, step=total_steps, event="layer_done", rotation=r, layer=i, val_loss_before=before[0],
+                      val_loss_after=after[0], r2_before=before[1], r2_after=after[1])
     return total_steps
 
 
@@ -486,7 +519,7 @@ def layer_step(run, cache, optimizer, b, lr, step):
     set_lr(optimizer, lr)
     with run.ctx:
         out = trainable_part(run.student.blocks[cache.layer], x, cache.cos, cache.sin, cache.target)
-    loss = layer_loss(out.float(), y, x, run.s.cosine_weight)
+    loss = layer_loss(out.float(), y, x, run.s.cosine_weight, cache.loss_energy)
     loss.backward()
     all_reduce_gradients([p for group in optimizer.param_groups for p in group["params"]], run.env)
     (loss_value,), _ = guarded_step(optimizer, loss.detach().view(1), run.env, run.s.grad_clip, run.s.run_dir, step)

@@ -8,6 +8,8 @@ to map the student's own hidden state to the teacher's after layer i (and can co
 import torch
 import torch.nn.functional as F
 
+from runtime import all_reduce_sum
+
 
 def frozen_part(block, x, cos, sin):
     """A decoder target's fixed prefix, the attention sublayer: computed once per layer, not once per step."""
@@ -21,12 +23,13 @@ def trainable_part(block, x, cos, sin, target):
     return block(x, cos, sin)
 
 
-def layer_loss(out, target, base, cosine_weight=0.0):
+def layer_loss(out, target, base, cosine_weight=0.0, energy=1.0):
     """MSE between the student's and the teacher's hidden state after the layer (equal to the MSE of the
-    layer's updates out - base and target - base), plus cosine_weight * (1 - cosine) of those updates: the
-    residual stream itself would make any cosine close to 1."""
+    layer's updates out - base and target - base) divided by `energy` (1, or the mean square of the teacher's
+    update: a normalised MSE, on the same scale in every layer whatever the size of its activations), plus
+    cosine_weight * (1 - cosine) of those updates: the residual stream itself would make any cosine close to 1."""
     update, target_update = out - base, target - base
-    loss = F.mse_loss(update, target_update)
+    loss = F.mse_loss(update, target_update) / energy
     if cosine_weight:
         loss = loss + cosine_weight * (1 - F.cosine_similarity(update, target_update, dim=-1)).mean()
     return loss
@@ -64,8 +67,9 @@ class LayerCache:
     """
 
     @torch.no_grad()
-    def __init__(self, teacher, student, tokens, cache_device, ctx, *, latent="teacher", target="decoder"):
-        self.teacher, self.student, self.ctx, self.target = teacher, student, ctx, target
+    def __init__(self, teacher, student, tokens, cache_device, ctx, *, latent="teacher", target="decoder",
+                 loss="mse"):
+        self.teacher, self.student, self.ctx, self.target, self.loss = teacher, student, ctx, target, loss
         self.device = teacher.embed.weight.device
         pin = str(cache_device) == "cpu" and str(self.device).startswith("cuda")  # streams to the GPU async
         B, T = tokens[0].shape
@@ -80,6 +84,7 @@ class LayerCache:
             self.student_latent = empty_like_host(self.teacher_latent).copy_(self.teacher_latent)
         self.layer = 0  # the layer whose input latents the cache holds
         self.inputs = None
+        self.loss_energy = 1.0  # the current layer's loss divides by this: 1 (mse) or the teacher's energy (nmse)
 
     @torch.no_grad()
     def map(self, fn, latents, out):
@@ -102,7 +107,7 @@ class LayerCache:
                          self.student_latent)
             self.layer = j + 1
 
-    def begin_layer(self, layer):
+    def begin_layer(self, layer, env):
         """Advance to `layer` and return (inputs, targets) for training it."""
         self.advance(layer)
         teacher_block = lambda x: self.teacher.blocks[layer](x, self.cos, self.sin)
@@ -115,6 +120,7 @@ class LayerCache:
         if self.target == "decoder":  # the attention sublayer stays fixed: apply it once, in place
             block = self.student.blocks[layer]
             self.map(lambda x: frozen_part(block, x, self.cos, self.sin), self.inputs, self.inputs)
+        self.loss_energy = self.energy(env) if self.loss == "nmse" else 1.0
         return self.inputs, self.teacher_latent
 
     def end_layer(self):
@@ -126,16 +132,29 @@ class LayerCache:
         self.layer += 1
 
     @torch.no_grad()
-    def val_loss(self, env, cosine_weight=0.0):
-        """The layer loss of the current layer, averaged over this cache's batches on every rank."""
-        block = self.student.blocks[self.layer]
+    def energy(self, env):
+        """The mean square of the teacher's update in the current layer (its MLP output for a decoder target on
+        the teacher's latent), over this cache's batches on every rank."""
         total = torch.zeros(2, dtype=torch.float64, device=env.device)
         for n in range(self.inputs.shape[0]):
             x, y = self.inputs[n].to(self.device), self.teacher_latent[n].to(self.device)
+            total += torch.stack([(y - x).double().square().mean(), torch.ones((), dtype=torch.float64,
+                                                                                  device=env.device)])
+        all_reduce_sum([total], env)
+        return (total[0] / total[1]).item()
+
+    @torch.no_grad()
+    def val_stats(self, env, cosine_weight=0.0):
+        """(layer loss, R^2) of the current layer over this cache's batches on every rank. R^2 = 1 - MSE / the
+        teacher update's mean square: the share of the teacher's sublayer output the student reproduces. The
+        loss divides by this cache's own energy under nmse, so the val loss is 1 - R^2 there."""
+        block = self.student.blocks[self.layer]
+        total = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, MSE, teacher energy, batches
+        for n in range(self.inputs.shape[0]):
+            x, y = self.inputs[n].to(self.device), self.teacher_latent[n].to(self.device)
             with self.ctx:
-                out = trainable_part(block, x, self.cos, self.sin, self.target)
-            total[0] += layer_loss(out.float(), y, x, cosine_weight).double()
-            total[1] += 1
-        if env.ddp:
-            torch.distributed.all_reduce(total)
-        return (total[0] / total[1].clamp(min=1)).item()
+                out = trainable_part(block, x, self.cos, self.sin, self.target).float()
+            total += torch.stack([layer_loss(out, y, x, cosine_weight, self.loss_energy), F.mse_loss(out, y),
+                                  (y - x).square().mean(), torch.ones((), device=y.device)]).double()
+        all_reduce_sum([total], env)
+        return (total[0] / total[3]).item(), (1 - total[1] / total[2]).item()

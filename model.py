@@ -194,10 +194,14 @@ class SwiGLU(nn.Module):
         self.gate_up = nn.Linear(n_embd, 2 * hidden, bias=False)  # one matmul for gate and up
         self.down = nn.Linear(hidden, n_embd, bias=False)
 
+    def hidden(self, x):
+        """The activations `down` reads: silu(gate) * up."""
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
     def forward(self, x):
         if not torch.is_grad_enabled():  # inference: nothing to save, so skip the autograd.Function overhead
-            gate, up = self.gate_up(x).chunk(2, dim=-1)
-            return self.down(F.silu(gate) * up)
+            return self.down(self.hidden(x))
         return SwiGLUDown.apply(self.gate_up(x), self.down.weight)
 
 
@@ -208,15 +212,17 @@ class PlainMLP(nn.Module):
         self.down = nn.Linear(hidden, n_embd, bias=False)
         self.activation = activation
 
-    def forward(self, x):
+    def hidden(self, x):
+        """The activations `down` reads."""
         h = self.up(x)
         if self.activation == "relu2":
-            h = F.relu(h).square()
-        elif self.activation == "gelu":
-            h = F.gelu(h)
-        else:
-            h = F.silu(h)
-        return self.down(h)
+            return F.relu(h).square()
+        if self.activation == "gelu":
+            return F.gelu(h)
+        return F.silu(h)
+
+    def forward(self, x):
+        return self.down(self.hidden(x))
 
 
 def make_mlp(n_embd, kind, hidden):

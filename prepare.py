@@ -60,12 +60,12 @@ SMOKE_VAL_BYTES: int = 512 * 2**10  # val budget under --smoke-test
 SMOKE_SHARD_TOKENS: int = 1_000_000  # shard size under --smoke-test
 NETWORK_RETRIES: int = 8  # tries for a hub download or stream read, waiting 1, 2, 4 ... 60 s between them
 
-# lower case: fixed by the code, not settable by the config layer
-local_builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
-split_names = ("train", "val")  # a document's split is its index in this tuple
-progress_file = "prepare_progress.json"  # the resume state, with <split>.partial (see SplitWriter)
-shard_name = re.compile(r"^(train|val)_\d{6}\.bin$")
-temp_name = re.compile(r"^((train|val)_\d{6}\.bin|manifest\.json|prepare_progress\.json)\.tmp\.\d+$")
+# no annotation: fixed by the code, not settings of the config layer
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+SPLIT_NAMES = ("train", "val")  # a document's split is its index in this tuple
+PROGRESS_FILE = "prepare_progress.json"  # the resume state, with <split>.partial (see SplitWriter)
+SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.bin$")
+TEMP_NAME = re.compile(r"^((train|val)_\d{6}\.bin|manifest\.json|prepare_progress\.json)\.tmp\.\d+$")
 
 
 class PrepareError(SystemExit):
@@ -197,7 +197,7 @@ def tokenizer_identity(model, model_dir):
 def describe_source(dataset):
     """The dataset as a JSON-able dict: a hub dataset, or the local files (sorted) and their builder."""
     parts = [p.strip() for p in dataset.split(",") if p.strip()]
-    if not any(glob.has_magic(p) or os.path.exists(p) or p.endswith(tuple(local_builders)) for p in parts):
+    if not any(glob.has_magic(p) or os.path.exists(p) or p.endswith(tuple(LOCAL_BUILDERS)) for p in parts):
         return {"kind": "hub", "dataset": dataset, "config": DATASET_CONFIG, "split": SPLIT,
                 "text_field": TEXT_FIELD}
     files = []
@@ -208,12 +208,12 @@ def describe_source(dataset):
             raise PrepareError(f"--dataset: '{pattern}' matches no file")
         files += matches
     extensions = {os.path.splitext(f)[1] for f in files}
-    if len(extensions) != 1 or next(iter(extensions)) not in local_builders:
-        raise PrepareError(f"--dataset: expected files of one kind ({', '.join(local_builders)}), got "
+    if len(extensions) != 1 or next(iter(extensions)) not in LOCAL_BUILDERS:
+        raise PrepareError(f"--dataset: expected files of one kind ({', '.join(LOCAL_BUILDERS)}), got "
                            f"{sorted(extensions)}")
     if all(os.path.getsize(f) == 0 for f in files):
         raise PrepareError(f"--dataset: {', '.join(files)} {'is' if len(files) == 1 else 'are'} empty")
-    builder = local_builders[extensions.pop()]
+    builder = LOCAL_BUILDERS[extensions.pop()]
     return {"kind": "local", "builder": builder,
             "files": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f)} for f in files],
             "text_field": "text" if builder == "text" else TEXT_FIELD}
@@ -397,14 +397,14 @@ def save_progress(out_dir, progress, writers):
     for writer in writers:
         writer.persist()
         progress["splits"][writer.split] = writer.counters()
-    write_json(progress, os.path.join(out_dir, progress_file), indent=1)
+    write_json(progress, os.path.join(out_dir, PROGRESS_FILE), indent=1)
     for writer in writers:
         writer.trim()
 
 
 def remove_progress_files(out_dir):
     """Delete the resume state: the progress file and every split's unfinished-shard tokens."""
-    for path in [os.path.join(out_dir, progress_file)] + [partial_path(out_dir, s) for s in split_names]:
+    for path in [os.path.join(out_dir, PROGRESS_FILE)] + [partial_path(out_dir, s) for s in SPLIT_NAMES]:
         if os.path.exists(path):
             os.remove(path)
 
@@ -527,7 +527,7 @@ def remove_outputs(out_dir):
     """Delete what prepare.py writes in out_dir (and nothing else)."""
     remove_progress_files(out_dir)
     for name in os.listdir(out_dir):
-        if shard_name.match(name) or temp_name.match(name) or name == "manifest.json":
+        if SHARD_NAME.match(name) or TEMP_NAME.match(name) or name == "manifest.json":
             os.remove(os.path.join(out_dir, name))
 
 
@@ -613,12 +613,12 @@ if __name__ == "__main__":
         remove_progress_files(OUT_DIR)  # left if a run died right after writing the manifest
         totals = manifest["totals"]
         print(f"'{OUT_DIR}' is already prepared ({manifest['created']}): "
-              + ", ".join(f"{s} {totals[s]['shards']} shards / {totals[s]['tokens']:,} tokens" for s in split_names)
+              + ", ".join(f"{s} {totals[s]['shards']} shards / {totals[s]['tokens']:,} tokens" for s in SPLIT_NAMES)
               + "; nothing to do (--verify to re-hash, --force to redo)")
         sys.exit(0)
 
     progress = None
-    progress_path = os.path.join(OUT_DIR, progress_file)
+    progress_path = os.path.join(OUT_DIR, PROGRESS_FILE)
     if os.path.exists(progress_path):
         with open(progress_path, encoding="utf-8") as f:
             progress = json.load(f)
@@ -633,17 +633,17 @@ if __name__ == "__main__":
     if progress is None:
         remove_outputs(OUT_DIR)
         zero = {"text_bytes": 0, "documents": 0, "shards": 0, "tokens": 0, "partial_tokens": 0}
-        progress = {"identity": identity, "shards": [], "splits": {s: dict(zero) for s in split_names},
+        progress = {"identity": identity, "shards": [], "splits": {s: dict(zero) for s in SPLIT_NAMES},
                     "position": {"source_state": None, "batch_first_doc": 0, "doc": 0, "skip_tokens": 0,
                                  "check_doc": None, "check_sha256": None}}
-    writers = [SplitWriter(s, OUT_DIR, SHARD_TOKENS, budgets[f"{s}_bytes"], progress["splits"][s]) for s in split_names]
+    writers = [SplitWriter(s, OUT_DIR, SHARD_TOKENS, budgets[f"{s}_bytes"], progress["splits"][s]) for s in SPLIT_NAMES]
     for writer in writers:
         if not writer.restore_partial(progress["splits"][writer.split]["partial_tokens"]):
             raise PrepareError(f"'{writer.partial_path}' lost tokens saved by the interrupted run; use --force to "
                                f"start over")
     kept = {record["file"] for record in progress["shards"]}
     for name in os.listdir(OUT_DIR):  # shards and temp files that a killed run wrote after its last checkpoint
-        if (shard_name.match(name) and name not in kept) or temp_name.match(name):
+        if (SHARD_NAME.match(name) and name not in kept) or TEMP_NAME.match(name):
             os.remove(os.path.join(OUT_DIR, name))
     if progress["shards"] or any(w.fill for w in writers):
         print(f"resuming: {len(progress['shards'])} verified shards kept, continuing at document "
@@ -724,6 +724,6 @@ if __name__ == "__main__":
     remove_progress_files(OUT_DIR)
     totals = manifest["totals"]
     print(f"wrote {OUT_DIR}: " + ", ".join(f"{s} {totals[s]['shards']} shards / {totals[s]['tokens']:,} tokens / "
-                                           f"{totals[s]['documents']:,} documents" for s in split_names))
+                                           f"{totals[s]['documents']:,} documents" for s in SPLIT_NAMES))
     print(f"tokenized {new_bytes / 1e6:.1f} MB of text in {seconds:.1f} s ({new_bytes / 1e6 / seconds:.2f} MB/s) "
           f"with {workers} workers")

@@ -82,6 +82,13 @@ def all_reduce_mean(value, env):
     return t.item() / env.world_size
 
 
+def all_reduce_sum(tensors, env):
+    """Sum each tensor over DDP ranks in place (nothing without DDP): statistics every rank must agree on."""
+    if env.ddp:
+        for t in tensors:
+            torch.distributed.all_reduce(t)
+
+
 def peak_flops(device):
     """Peak dense bf16 FLOP/s of the GPU if we know it exactly, else None (no MFU beats a wrong MFU)."""
     if not str(device).startswith("cuda") or not torch.cuda.is_available():

@@ -47,7 +47,7 @@ def cached_rotation(teacher, student, tokens, steps, target, ctx, env):
                       checkpoints.MetricsLog("unused", enabled=False), "", teacher, student)
     cache = LayerCache(teacher, student, tokens, "cpu", ctx, latent="student", target=target)
     for i in range(student.config.n_layer):
-        cache.begin_layer(i)
+        cache.begin_layer(i, env)
         set_trainable(student, layer_target(student.blocks[i], target))
         optimizer = student.configure_optimizer(1e-3, 0.0, (0.9, 0.95), "cpu")
         for s in range(steps):

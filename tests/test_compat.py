@@ -109,7 +109,8 @@ def test_an_old_distill_phase1_is_continued_by_the_new_phase2_as_in_one_new_run(
     run, straight = tmp_path / "run", tmp_path / "straight"
     args = ["distill.py", "--teacher", teacher, "--data-dir", shards, *DISTILL_TINY]
     run_old(old_code, *args, "--run-dir", run, "--phases", "1")
-    run_script(*args, "--run-dir", straight, "--phases", "12", env=ENV)
+    # the old code's phase 1: zero-init MLPs and the plain MSE (the new defaults are prune and nmse)
+    run_script(*args, "--run-dir", straight, "--phases", "12", "--mlp-init", "zero", "--layer-loss", "mse", env=ENV)
     assert os.path.exists(run / "final.pt") and not os.path.exists(run / "step_000003.pt")
     assert_same_weights(run / "final.pt", straight / "final.pt")  # phase 1 is unchanged
 

@@ -1,5 +1,6 @@
 """The config layer: constants < YAML < command line, typed, with named errors for unknown keys and bad values."""
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,14 +16,15 @@ SCRIPT = textwrap.dedent('''
     from config import configure
     from data import MAGIC  # an imported constant: a tool of the script, never one of its settings
 
-    LEARNING_RATE = 3e-4  # peak learning rate
-    MAX_STEPS = 100  # optimizer steps
-    COMPILE = False  # torch.compile the model
-    RUN_NAME = "default"  # run directory name
+    LEARNING_RATE: float = 3e-4  # peak learning rate
+    MAX_STEPS: int = 100  # optimizer steps
+    COMPILE: bool = False  # torch.compile the model
+    RUN_NAME: str = "default"  # run directory name
     WINDOWS: list[Optional[int]] = [None, 128]  # per-layer attention windows
-    BETAS = (0.9, 0.95)  # AdamW betas
+    BETAS: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     INIT_FROM: Optional[str] = None  # model to start from
     MODEL_CONFIG: dict = {{"n_layer": 2}}  # GPTConfig fields
+    SPLITS = ("train", "val")  # no annotation: fixed by the code, not a setting
 
     config = configure(globals(), positional={positional})
     print("RESULT " + json.dumps(config))
@@ -85,8 +87,6 @@ def test_positional_argument_fills_named_constant(tmp_path):
     (["stray"], "unexpected argument"),
 ])
 def test_bad_keys_and_values_exit_nonzero_with_named_message(tmp_path, args, message):
-    import re
-
     proc = run_config_script(tmp_path, *args)
     assert proc.returncode != 0
     assert re.search(message, proc.stderr), proc.stderr
@@ -113,3 +113,56 @@ def test_help_lists_every_constant_with_default_and_comment(tmp_path):
 def test_effective_config_is_printed(tmp_path):
     proc = run_config_script(tmp_path, "--max-steps", "4")
     assert "max_steps = 4" in proc.stdout
+
+
+def test_unannotated_constant_is_not_a_setting(tmp_path):
+    assert "splits" not in result(run_config_script(tmp_path))
+    proc = run_config_script(tmp_path, "--splits", "a,b")
+    assert proc.returncode != 0 and "unknown key 'splits'" in proc.stderr
+    assert "--splits" not in run_config_script(tmp_path, "--help").stdout
+
+
+def test_help_shows_type_default_and_the_comment_of_an_annotated_setting(tmp_path):
+    proc = run_config_script(tmp_path, "-h")
+    assert proc.returncode == 0
+    line = next(l for l in proc.stdout.splitlines() if "--run-name" in l)
+    assert "str" in line and "run directory name (default 'default')" in proc.stdout
+
+
+def test_help_without_the_source_file_still_lists_the_settings(capsys):
+    from config import configure
+
+    namespace = {"__annotations__": {"MAX_STEPS": int}, "MAX_STEPS": 3}
+    with pytest.raises(SystemExit) as exit_:
+        configure(namespace, argv=["--help"])
+    assert exit_.value.code == 0 and "--max-steps" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--max-steps", "7"], ["--max-steps=7"], ["max_steps=7"], ["--max_steps", "7"],
+                                  ["max-steps=7"], ["MAX_STEPS=7"]])
+def test_every_cli_form_sets_the_same_setting(tmp_path, args):
+    assert result(run_config_script(tmp_path, *args))["max_steps"] == 7
+
+
+def test_bare_bool_flag_means_true_and_leaves_the_next_argument_alone(tmp_path):
+    config = result(run_config_script(tmp_path, "--compile", "models/m", positional=["INIT_FROM"]))
+    assert config["compile"] is True and config["init_from"] == "models/m"
+
+
+def test_a_value_that_looks_like_an_override_or_an_option_stays_a_value(tmp_path):
+    config = result(run_config_script(tmp_path, "--run-name", "a=b", "--learning-rate", "-1e-3"))
+    assert config["run_name"] == "a=b" and config["learning_rate"] == -1e-3
+
+
+def test_duplicate_yaml_key_is_refused_naming_key_and_file(tmp_path):
+    (tmp_path / "dup.yaml").write_text("max_steps: 10\ncompile: true\nmax_steps: 20\n")
+    proc = run_config_script(tmp_path, "--config", "dup.yaml")
+    assert proc.returncode != 0
+    assert "duplicate key 'max_steps'" in proc.stderr and "dup.yaml" in proc.stderr
+
+
+def test_string_annotation_is_refused():
+    from config import configure
+
+    with pytest.raises(TypeError, match="MAX_STEPS has a string annotation 'int'"):
+        configure({"__annotations__": {"MAX_STEPS": "int"}, "MAX_STEPS": 3}, argv=[])

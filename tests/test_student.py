@@ -1,0 +1,136 @@
+"""student.py and the phase-1 layer loss: MLPs initialised from the teacher (pruned, refit by least squares),
+the normalised MSE and R^2, and 1 process vs 2 gloo processes building the same student."""
+import os
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, torchrun
+from layer_cache import LayerCache, layer_loss
+from model import GPT, GPTConfig
+from runtime import setup_device
+from student import build_student, init_mlps_from_teacher, refit_down, student_config
+
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def tiny_teacher(seed=0):
+    torch.manual_seed(seed)
+    config = GPTConfig(vocab_size=96, n_layer=3, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, mlp_hidden=64,
+                       max_seq_len=64)
+    return GPT(config).init_weights(std=0.1).eval()
+
+
+def batches(n, seed, batch_size=2, seq_len=24):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 96, (batch_size, seq_len), generator=g) for _ in range(n)]
+
+
+def mlp_inputs(teacher, tokens, layer):
+    """The normed input of `layer`'s MLP on the teacher's own trajectory, one (B*T, C) tensor per batch."""
+    cache = LayerCache(teacher, teacher, tokens, "cpu", torch.autocast("cpu", enabled=False))
+    cache.begin_layer(layer, setup_device("cpu"))
+    with torch.no_grad():
+        return [teacher.blocks[layer].mlp_norm(x).flatten(0, 1) for x in cache.inputs]
+
+
+def mlp_mse(student, teacher, inputs, layer):
+    with torch.no_grad():
+        return sum(F.mse_loss(student.blocks[layer].mlp(x), teacher.blocks[layer].mlp(x)) for x in inputs).item()
+
+
+def test_pruning_to_the_teachers_full_width_gives_exactly_the_teachers_mlps():
+    teacher = tiny_teacher()
+    student = GPT(teacher.config).init_weights()  # every MLP different from the teacher's until it is pruned
+    student.load_state_dict({k: v for k, v in teacher.state_dict().items() if ".mlp." not in k}, strict=False)
+    init_mlps_from_teacher(student, teacher, batches(3, 1), [0, 1, 2], setup_device("cpu"), cache_device="cpu")
+    x = batches(1, 9)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(student.logits(x), teacher.logits(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,hidden,layers", [("swiglu", 24, [0, 1, 2]), ("relu2", 48, [0, 2]), ("gelu", 40, [1]),
+                                                ("silu", 32, [2])])
+def test_refit_never_raises_the_fit_mse_and_lowers_the_held_out_mse_of_plain_pruning(kind, hidden, layers):
+    teacher = tiny_teacher()
+    fit, held_out = batches(6, 1), batches(4, 2)
+    pruned, _ = build_student(teacher, student_config(teacher.config, kind, hidden, layers))
+    refit, _ = build_student(teacher, student_config(teacher.config, kind, hidden, layers))
+    init_mlps_from_teacher(pruned, teacher, fit, layers, setup_device("cpu"), cache_device="cpu", refit=False)
+    report = init_mlps_from_teacher(refit, teacher, fit, layers, setup_device("cpu"), cache_device="cpu")
+    for i in range(3):
+        if i not in layers:  # untouched layers keep the teacher's MLP
+            assert torch.equal(refit.blocks[i].mlp.down.weight, teacher.blocks[i].mlp.down.weight)
+            continue
+        assert report[i]["mse_init"] <= report[i]["mse_pruned"]
+        fit_inputs, held_inputs = mlp_inputs(teacher, fit, i), mlp_inputs(teacher, held_out, i)
+        assert mlp_mse(refit, teacher, fit_inputs, i) <= mlp_mse(pruned, teacher, fit_inputs, i) * (1 + 1e-5)
+        assert mlp_mse(refit, teacher, held_inputs, i) < mlp_mse(pruned, teacher, held_inputs, i)
+        # the MSE the statistics predict is the MSE the refit MLP has on the fit batches
+        per_token = mlp_mse(refit, teacher, fit_inputs, i) / len(fit_inputs)
+        assert abs(per_token - report[i]["mse_init"]) <= 1e-4 * per_token + 1e-9
+
+
+def test_refit_keeps_the_current_down_projection_when_the_least_squares_one_is_not_better():
+    teacher = tiny_teacher()
+    student, _ = build_student(teacher, student_config(teacher.config, "swiglu", 64))
+    student.load_state_dict(teacher.state_dict())  # already exact: MSE 0, nothing to gain
+    inputs = mlp_inputs(teacher, batches(2, 3), 0)
+    before = student.blocks[0].mlp.down.weight.clone()
+    with torch.no_grad():
+        outputs = [teacher.blocks[0].mlp(x) for x in inputs]
+    before_mse, after_mse = refit_down(student.blocks[0].mlp, inputs, outputs, setup_device("cpu"))
+    assert before_mse == after_mse < 1e-9
+    assert torch.equal(student.blocks[0].mlp.down.weight, before)
+
+
+def test_normalised_layer_loss_is_the_mse_over_the_teachers_update_energy():
+    base = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    target = base + torch.tensor([[2.0, 0.0], [0.0, 2.0]])  # the teacher's update: energy (4 + 0 + 0 + 4) / 4 = 2
+    out = base + torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # the student's: squared error (1 + 0 + 0 + 0) / 4
+    assert layer_loss(out, target, base) == pytest.approx(0.25)
+    assert layer_loss(out, target, base, energy=2.0) == pytest.approx(0.125)
+    cache = LayerCache(tiny_teacher(), tiny_teacher(1), batches(2, 4), "cpu", torch.autocast("cpu", enabled=False),
+                       loss="nmse")
+    cache.begin_layer(1, setup_device("cpu"))
+    loss, r2 = cache.val_stats(setup_device("cpu"))
+    energy = sum(((y - x) ** 2).mean() for x, y in zip(cache.inputs, cache.teacher_latent)).item() / 2
+    assert cache.loss_energy == pytest.approx(energy, rel=1e-6)
+    assert loss == pytest.approx(1 - r2, rel=1e-5)  # under nmse the val loss is 1 - R^2
+
+
+SCRIPT = """
+import sys, torch
+sys.path.insert(0, {repo!r})
+from runtime import setup_device, shutdown
+from student import build_student, init_mlps_from_teacher, student_config
+from test_student import batches, tiny_teacher
+env = setup_device("cpu")
+teacher = tiny_teacher()
+student, new = build_student(teacher, student_config(teacher.config, "relu2", 40))
+tokens = batches(4, 1)[env.rank::env.world_size]
+init_mlps_from_teacher(student, teacher, tokens, new, env, cache_device="cpu")
+if env.rank == 0:
+    torch.save(student.state_dict(), sys.argv[1])
+shutdown(env)
+"""
+
+
+def test_one_process_and_two_gloo_processes_build_the_same_student(tmp_path):
+    """Importance and least-squares statistics are sums over ranks: two processes with half the batches each
+    pick the same neurons and solve the same system as one process with all of them."""
+    script = tmp_path / "init.py"
+    script.write_text(SCRIPT.format(repo=REPO))
+    env = {**os.environ, **ENV, "PYTHONPATH": os.path.join(REPO, "tests")}
+    outputs = {}
+    for nproc in (1, 2):
+        outputs[nproc] = tmp_path / f"student_{nproc}.pt"
+        cmd = torchrun("tests/test_student.py", nproc)[:-1] + [str(script), str(outputs[nproc])]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (torch.load(outputs[n], weights_only=True) for n in (1, 2))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert one["blocks.0.mlp.down.weight"].abs().max() > 0  # initialised from the teacher, not left at zero
