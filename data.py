@@ -182,8 +182,7 @@ class TokenLoader:
         """Continue at the saved stream position (any rank may load rank 0's state: it is the same on all).
 
         The position is a token offset, so it stays valid under another batch size, seq_len or world size: the
-        next windows start where the saved run stopped. States saved with extra keys (older ones held
-        batch_size, seq_len and world_size) load the same way; only split and token count must match.
+        next windows start where the saved run stopped. Only the split and the token count must match.
         """
         if state["split"] != self.split or int(state["total_tokens"]) != self.total:
             raise ValueError(f"loader state is for split '{state['split']}' with {state['total_tokens']} tokens, "
@@ -224,10 +223,7 @@ class TokenLoader:
                 raise ShardError(f"shard '{self.paths[i]}' holds {len(tokens)} tokens but manifest.json says "
                                  f"{self.sizes[i]}")
             if self.vocab_size is not None:
-                largest = int(tokens.max())
-                if largest >= self.vocab_size:
-                    raise ValueError(f"shard '{self.paths[i]}' holds token id {largest}, but the model's vocab_size "
-                                     f"is {self.vocab_size}: the shards were made with a different tokenizer")
+                check_token_ids(f"shard '{self.paths[i]}'", int(tokens.max()), self.vocab_size)
             self._shards[i] = tokens
         return self._shards[i]
 
@@ -262,3 +258,17 @@ def check_data_matches_tokenizer(data_dir, tokenizer, vocab_size):
         raise SystemExit(f"{data_dir}/manifest.json: tokenizer vocab size {recorded['vocab_size']} exceeds the "
                          f"model's vocab_size {vocab_size}")
     return manifest
+
+
+def check_token_ids(where, largest, vocab_size):
+    """Refuse token ids the model's embedding does not have: `largest` is the largest id in `where` (a shard or a
+    split, named in the message). One rule for train.py's scan before step 0 and TokenLoader's reads."""
+    if largest >= vocab_size:
+        raise ShardError(f"{where} holds token id {largest}, but the model's vocab_size is {vocab_size}: the "
+                         f"shards were made with a different tokenizer")
+
+
+def largest_token_id(data_dir, split, rank=0, world_size=1):
+    """The largest token id in this rank's share (every world_size-th shard) of a split: one read per shard."""
+    shards = [s for s in read_manifest(data_dir)["shards"] if s["split"] == split][rank::world_size]
+    return max((int(load_shard(os.path.join(data_dir, s["file"])).max()) for s in shards), default=0)

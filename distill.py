@@ -4,30 +4,22 @@
     torchrun --standalone --nproc_per_node 8 distill.py --config configs/distill_smollm2_hybrid_window.yaml
     python distill.py --config configs/distill_smollm2_mlp_half.yaml --resume   # continue exactly after a crash
 
-The student starts as a copy of the teacher (embeddings, attention, norms, head) with per-layer changes: MLPs
-replaced by an MLP of another kind or width, and/or attention made a sliding window in all but a few layers. A new
-MLP starts from the teacher's (MLP_INIT=prune): its most important neurons (mean |activation| x the norm of the
-neuron's down column, on the first NUM_BATCHES train batches), an exact sub-network for a SwiGLU student, with
-the down projection then refit by least squares to the teacher MLP's output on those tokens (REFIT_DOWN); or it
-starts with its down projection at zero, the student being "the teacher minus those MLPs" (MLP_INIT=zero).
+The student is a copy of the teacher (embeddings, attention, norms, head) with per-layer changes: MLPs of another
+kind or width, and/or sliding-window attention in all but a few layers. A new MLP starts as the teacher's most
+important neurons with a least-squares down projection (MLP_INIT=prune, REFIT_DOWN; see student.py), or with
+its down projection at zero, the student being "the teacher minus those MLPs" (MLP_INIT=zero).
 
 Phase 1, layer-wise rotation. For each layer i of LAYERS, ROTATIONS times, STEPS_PER_LAYER AdamW steps train only
-layer i's target: decoder (mlp_norm + MLP), attn (attn_norm + attention) or block (the whole layer). The loss
-compares the student's layer i, run on an input latent, with the teacher's hidden state after layer i on the
-same latent: MSE on the hidden state after layer i (LAYER_LOSS=nmse divides it by the mean square of the
-teacher's update in that layer, so a layer with massive activations neither dominates nor trains differently),
-optionally + COSINE_WEIGHT * (1 - cosine) of the layer's update to the residual stream. The log shows R^2 per
-layer: the share of the teacher's update the student reproduces. For the decoder target on the teacher's latent that MSE is exactly the MSE of
-the student's MLP output against the teacher's. The rest of the network stays the teacher's. The teacher's
-hidden states for the phase's NUM_BATCHES batches live in a cache advanced one layer at a time, so a rotation
-costs about one teacher forward over those batches; each step runs only layer i's trainable part (a decoder
-target's frozen attention sublayer is applied to the cache once per layer, not once per step). LATENT=student
-keeps a second cache advanced through the student's distilled layers, so layer i maps the student's own hidden
-state to the teacher's after layer i and can correct the error of the layers before it.
+layer i's target (decoder: mlp_norm + MLP, attn: attn_norm + attention, or block) to map an input latent to the
+teacher's hidden state after layer i: MSE, divided by the mean square of the teacher's update under
+LAYER_LOSS=nmse (one scale in every layer, massive activations or not), + COSINE_WEIGHT * (1 - cosine) of the
+update. The rest of the network stays the teacher's. The teacher's hidden states for NUM_BATCHES batches live in
+a cache moved up one layer at a time (layer_cache.py), so a rotation costs about one teacher forward; with
+LATENT=student a second cache follows the student's own distilled layers, so layer i learns from the student's
+own latent and can correct the layers before it.
 
 Phase 2, logit distillation: loss = ALPHA * KD + (1 - ALPHA) * CE(next token), KD = T^2 * KL(teacher || student)
-at temperature T over the full vocabulary, or exactly over k+1 buckets (the teacher's top-k ids plus the tail
-mass), computed in chunks of tokens so that neither model's full fp32 logits exist, in forward or backward.
+over the full vocabulary or exactly over the teacher's top-k ids plus the tail, a chunk of tokens at a time.
 
 The story reads top to bottom: settings, main() (check, load, phase 1, phase 2, save), then the pieces of each
 phase. Beside it: student.py builds the student, layer_cache.py holds phase 1's cache and layer loss, losses.py
@@ -47,10 +39,10 @@ from tqdm import tqdm
 import checkpoints
 import losses
 from config import ConfigError, check_at_least, configure
-from data import TokenLoader, check_data_matches_tokenizer, read_manifest, val_batches
+from data import TokenLoader, check_data_matches_tokenizer, val_batches
 from hf_interop import (llama_incompatible_layers, load_model, load_tokenizer, model_width, save_pretrained,
                         tokenizer_source)
-from layer_cache import LayerCache, batch_index, cache_bytes, layer_loss, trainable_part
+from layer_cache import LayerCache, batch_index, check_cache_fits, layer_loss, trainable_part
 from model import MLP_KINDS
 from runtime import autocast, resolve_dtype, say, setup_device, shutdown
 from student import (build_student, check_layers, check_student_matches_teacher, init_mlps_from_teacher,
@@ -263,32 +255,6 @@ def find_start(s):
         run1="1" in s.phases and not phase1_done and phase2_path is None, run2="2" in s.phases,
         phase1_path=phase1_path, phase2_path=phase2_path,
         path=phase2_path or phase1_path or (final if phase1_done else None) or s.init_from)
-
-
-def check_cache_fits(s, n_embd, cache_device, env):
-    """Refuse, before any work, a phase-1 cache that will not fit (leaving 20% for the models and activations).
-    The size is arithmetic: train and val caches of 2 x (N, B, T, C) fp32 each, per rank."""
-    val_total = sum(shard["ntok"] for shard in read_manifest(s.data_dir)["shards"] if shard["split"] == "val")
-    val_n = -(-max(0, (min(s.eval_tokens, val_total) - 1) // (s.batch_size * s.seq_len)) // env.world_size)
-    need = cache_bytes(s.num_batches, s.batch_size, s.seq_len, n_embd) + cache_bytes(val_n, s.batch_size,
-                                                                                       s.seq_len, n_embd)
-    if str(cache_device).startswith("cuda"):
-        free, _ = torch.cuda.mem_get_info(cache_device)
-        where = f"GPU {cache_device}"
-    else:
-        import psutil
-
-        free = psutil.virtual_memory().available
-        need *= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # every rank on this host keeps its own cache here
-        where = "host memory"
-    if need > 0.8 * free:
-        raise SystemExit(f"the phase-1 cache needs {need / 2**30:.2f} GiB of {where}, but only {free / 2**30:.2f} "
-                         f"GiB is free (the cache may take 80%); lower num_batches ({s.num_batches}), batch_size "
-                         f"({s.batch_size}), seq_len ({s.seq_len}) or eval_tokens ({s.eval_tokens}), or set "
-                         f"cache_device to {'cpu' if where != 'host memory' else 'device'}")
-    say(f"phase-1 cache: 2 x ({s.num_batches}, {s.batch_size}, {s.seq_len}, {n_embd}) fp32 per rank for train + "
-        f"2 x ({val_n}, {s.batch_size}, {s.seq_len}, {n_embd}) for val = {need / 2**30:.3f} GiB of {where} "
-        f"(latent: {s.latent})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -542,6 +508,8 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
         step = resume_phase2(run, checkpoint, resume_path, optimizer, loader)
     elif loader_state is not None:
         loader.load_state_dict(loader_state)
+    else:  # a student no phase 1 evaluated: the start of the curve, as train.py evaluates its step 0
+        run.metrics.write(phase=2, step=0, event="eval", **evaluate_student(run, "phase 2 start (undistilled student)"))
     model = DDP(student, device_ids=[env.local_rank] if env.device_type == "cuda" else None) if env.ddp else student
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * env.world_size
     say(f"phase 2: steps {step} -> {s.max_steps} | alpha {s.alpha} | T {s.temperature} | "

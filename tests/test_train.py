@@ -236,7 +236,7 @@ def test_token_ids_beyond_the_model_vocab_are_refused_before_step_0(tmp_path, sh
     poisoned = write_token_dataset(tmp_path / "poisoned", bpe_tokenizer_dir, n_docs=60, poison=600)
     proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", poisoned,
                  "--run-dir", tmp_path / "run", check=False)
-    assert proc.returncode != 0 and "train shards hold token id 600" in proc.stderr
+    assert proc.returncode != 0 and "(train split) holds token id 600" in proc.stderr
     assert "tokens per step" not in proc.stdout
     assert not os.path.exists(tmp_path / "run")
 
