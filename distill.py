@@ -161,11 +161,13 @@ def main(argv=None):
     tokenizer = load_tokenizer(tokenizer_src)
 
     # ---- The student, and what can be refused now that its architecture is known
-    student, start_checkpoint = load_student(s, start.path, teacher, env)
+    student, start_checkpoint, new_mlps = load_student(s, start.path, teacher)
     student.to(env.device)
     layers = phase1_layers(s, student.config)
     check_data_matches_tokenizer(s.data_dir, tokenizer, student.config.vocab_size)
     describe_models(s, teacher, student, env, dtype)
+    if new_mlps and s.mlp_init == "prune":
+        init_from_teacher(s, student, teacher, new_mlps, env)
 
     # ---- Run dir: effective config, tokenizer copy, metrics (only rank 0 writes)
     metrics = checkpoints.MetricsLog(s.run_dir, enabled=False)
@@ -260,21 +262,19 @@ def find_start(s):
 # ----------------------------------------------------------------------------------------------------------
 # The student
 
-def load_student(s, start_path, teacher, env):
-    """The student from the checkpoint a run starts at, or built from the teacher; (student, checkpoint)."""
+def load_student(s, start_path, teacher):
+    """The student from the checkpoint a run starts at, or built from the teacher: (student, its checkpoint or
+    None, the layers whose MLP is new)."""
     if start_path is not None:
         student, checkpoint = load_model(start_path)
         if teacher is not None:
             check_student_matches_teacher(student.config, teacher.config, start_path, s.teacher)
         say(f"student: from {start_path} (its architecture; mlp_kind/mlp_hidden/window settings are not used)")
-        return student, checkpoint
+        return student, checkpoint, []
     config = student_config(teacher.config, s.mlp_kind, s.mlp_hidden, s.mlp_layers, s.window, s.full_attn_layers)
     student, new_mlps = build_student(teacher, config)
-    student.to(env.device)
     say(f"student: copy of {s.teacher} with new MLPs in layers {new_mlps} (mlp_init {s.mlp_init})")
-    if s.mlp_init == "prune" and new_mlps:
-        init_from_teacher(s, student, teacher, new_mlps, env)
-    return student, None
+    return student, None, new_mlps
 
 
 def init_from_teacher(s, student, teacher, layers, env):
@@ -326,9 +326,12 @@ def val_windows(run):
 
 
 def evaluate_student(run, where):
-    """End-to-end eval on the val windows (with the teacher: its CE, the KL and top-1 agreement), logged."""
+    """End-to-end eval on the val windows (with the teacher: its CE, the KL and top-1 agreement), logged with
+    the seconds it took."""
+    t0 = time.perf_counter()
     result = losses.evaluate(run.student, val_windows(run), run.env, run.ctx, chunk_rows=run.s.loss_chunk,
                              teacher=run.teacher, teacher_hidden=run.teacher_val)
+    result["eval_seconds"] = time.perf_counter() - t0
     say(losses.eval_line(where, result))
     return result
 
@@ -347,7 +350,7 @@ def save_student(run, name, entries, prefix=None):
 def run_phase1(run, layers, checkpoint, resume_path):
     """ROTATIONS passes over LAYERS, each on NUM_BATCHES new batches; returns the loader state where phase 2
     reads on."""
-    s, env = run.s, run.env
+    s, env, t0 = run.s, run.env, time.perf_counter()
     loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
                          vocab_size=run.student.config.vocab_size)  # on the host: batches feed the cache
     val_tokens = [x.cpu() for x, _ in val_windows(run)]
@@ -380,7 +383,8 @@ def run_phase1(run, layers, checkpoint, resume_path):
         del caches
     save_student(run, "final.pt", {"phase": 1, "step": total_steps, "loader": loader.state_dict(),
                                    "progress": {"rotation": s.rotations, "position": 0, "layer": None, "step": 0}})
-    say(f"phase 1 done: {os.path.join(s.run_dir, 'final.pt')}")
+    run.metrics.write(phase=1, step=total_steps, event="phase1_done", seconds=time.perf_counter() - t0)
+    say(f"phase 1 done in {time.perf_counter() - t0:.0f}s: {os.path.join(s.run_dir, 'final.pt')}")
     return loader.state_dict()
 
 

@@ -108,10 +108,13 @@ def run_recipe(recipe, teacher_dir, data_dir, overrides):
     evals = [r for r in records if r.get("event") == "eval"]  # the first is the undistilled student
     phase1 = [r for r in evals if r["phase"] == 1]
     window = config["batch_size"] * config["seq_len"]
+    done = [r for r in records if r.get("event") == "phase1_done"]
+    eval_share = sum(r.get("eval_seconds", 0) for r in phase1) / done[0]["seconds"] if done else None
     return {"recipe": recipe, "overrides": overrides, "wall_min": wall / 60,
             "cpu_min": (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / 60,
             "teacher_ce": evals[0]["teacher_ce"], "start": evals[0],
             "after_phase1": phase1[-1] if len(phase1) > 1 else None, "final": evals[-1],
+            "phase1_eval_share": eval_share,  # of phase 1's wall time, the share its end-to-end evals took
             "phase1_tokens": config["rotations"] * config["num_batches"] * window if "1" in config["phases"] else 0,
             "phase2_tokens": config["max_steps"] * window * config["grad_accum"] if "2" in config["phases"] else 0}
 
@@ -148,6 +151,9 @@ def main():
     for recipe in args.recipes.split(","):
         results.append(run_recipe(recipe, teacher_dir, data_dir, overrides))
         print(table(results[-1:]), flush=True)
+    for r in results:
+        if r["phase1_eval_share"] is not None:
+            print(f"{r['recipe']}: end-to-end evals took {100 * r['phase1_eval_share']:.0f}% of phase 1's wall time")
     print(f"\nmachine: {os.cpu_count()} CPUs | text: Debian r-cran-janeaustenr, held-out passages\n")
     print(table(results))
     with open(os.path.join(OUT, "results.json"), "w") as f:
