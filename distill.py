@@ -280,18 +280,11 @@ def load_student(s, start_path, teacher):
 def init_from_teacher(s, student, teacher, layers, env):
     """The new MLPs as the teacher's most important neurons, their down projections refit by least squares, on
     the first NUM_BATCHES train batches of this rank (the batches phase 1's first rotation trains on)."""
-    t0 = time.perf_counter()
     loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
                          vocab_size=student.config.vocab_size)
     tokens = [loader.next_batch()[0] for _ in range(s.num_batches)]
-    report = init_mlps_from_teacher(student, teacher, tokens, layers, env, refit=s.refit_down,
-                                    cache_device=env.device if s.cache_device == "device" else "cpu")
-    mse = lambda key: sum(r[key] for r in report.values()) / len(report)
-    say(f"mlp init: top-{student.config.mlp_hidden[layers[0]]} teacher neurons by importance in layers {layers}"
-        + (", down refit by least squares" if s.refit_down else "")
-        + f" | mean MLP-output MSE vs the teacher {mse('mse_pruned'):.5f} pruned -> {mse('mse_init'):.5f} | "
-          f"{time.perf_counter() - t0:.1f}s")
-    return report
+    return init_mlps_from_teacher(student, teacher, tokens, layers, env, refit=s.refit_down,
+                                  cache_device=env.device if s.cache_device == "device" else "cpu")
 
 
 def phase1_layers(s, config):
