@@ -14,6 +14,7 @@ Set-up, once (on Debian/Ubuntu; root for apt-get):
 Run:
     python bench/bench_quality.py --deb r-cran-janeaustenr_1.0.0-1_all.deb       # every recipe in RECIPES
     python bench/bench_quality.py --deb ... --recipes distill_smollm2_cpu_30min --set steps_per_layer=50
+    python bench/bench_quality.py --init-only        # the students right after their init, before any training
 """
 import argparse
 import glob
@@ -119,6 +120,42 @@ def run_recipe(recipe, teacher_dir, data_dir, overrides):
             "phase2_tokens": config["max_steps"] * window * config["grad_accum"] if "2" in config["phases"] else 0}
 
 
+INIT_VARIANTS = [("relu2", 768, "zero", False), ("relu2", 768, "prune", False), ("relu2", 768, "prune", True),
+                 ("swiglu", 512, "prune", False), ("swiglu", 512, "prune", True)]  # all 81.4M parameters
+
+
+def init_table(teacher_dir, data_dir):
+    """The student right after its initialisation, no training: val CE, KL and top-1 agreement per variant, on
+    the same val windows and init batches (the first 16 train batches of 4 x 256) as the recipes."""
+    import contextlib
+
+    import torch
+
+    sys.path.insert(0, REPO)
+    import losses
+    from data import TokenLoader, val_batches
+    from hf_interop import load_model
+    from runtime import setup_device
+    from student import build_student, init_mlps_from_teacher, student_config
+
+    env, ctx = setup_device("cpu"), contextlib.nullcontext()
+    teacher = load_model(teacher_dir)[0].eval().requires_grad_(False)
+    val = list(val_batches(data_dir, 4, 256, 32768))
+    teacher_val = losses.teacher_val_hidden(teacher, val, ctx)
+    loader = TokenLoader(data_dir, "train", 4, 256)
+    tokens = [loader.next_batch()[0] for _ in range(16)]
+    rows = ["| student | init | val CE | KL | top-1 agree |", "|---|---|---|---|---|"]
+    for kind, hidden, init, refit in INIT_VARIANTS:
+        student, new = build_student(teacher, student_config(teacher.config, kind, hidden))
+        if init == "prune":
+            init_mlps_from_teacher(student, teacher, tokens, new, env, cache_device="cpu", refit=refit)
+        r = losses.evaluate(student, val, env, ctx, teacher=teacher, teacher_hidden=teacher_val)
+        rows.append(f"| {kind} {hidden} | {init}{' + refit' if refit else ''} | {r['val_ce']:.3f} | {r['kl']:.3f} | "
+                    f"{100 * r['top1_agree']:.1f}% |")
+        print(rows[-1], flush=True)
+    print(f"teacher CE {r['teacher_ce']:.3f}\n" + "\n".join(rows))
+
+
 def table(results):
     rows = ["| recipe | teacher CE | undistilled CE | after phase 1 | after phase 2 | excess over teacher | "
             "R | KL | top-1 agree | tokens (phase 1 + 2) | wall min | CPU min |", "|" + "---|" * 12]
@@ -138,6 +175,7 @@ def main():
     parser.add_argument("--deb", default=(glob.glob("r-cran-janeaustenr_*.deb") or [None])[0],
                         help="the r-cran-janeaustenr .deb (apt-get download r-cran-janeaustenr)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="configs/<name>.yaml, comma-separated")
+    parser.add_argument("--init-only", action="store_true", help="only the students right after their init")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a distill.py override for every recipe (repeatable), e.g. --set steps_per_layer=50")
     args = parser.parse_args()
@@ -146,6 +184,8 @@ def main():
         raise SystemExit("no corpus yet and no --deb: run `apt-get download r-cran-janeaustenr` and pass "
                          "--deb r-cran-janeaustenr_<version>_all.deb")
     teacher_dir, data_dir = prepare_data(args)
+    if args.init_only:
+        return init_table(teacher_dir, data_dir)
     overrides = [f"--{kv.split('=', 1)[0].replace('_', '-')}={kv.split('=', 1)[1]}" for kv in args.set]
     results = []
     for recipe in args.recipes.split(","):
