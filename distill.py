@@ -145,7 +145,7 @@ def main(argv=None):
 
     # ---- Where this run starts: a phase-2 step, a phase-1 state, phase 1's final.pt, INIT_FROM or the teacher
     start = find_start(s)
-    cache_device = env.device if s.cache_device == "device" else "cpu"
+    cache_device = phase1_cache_device(s, env)
     width = model_width(s.teacher)
     if start.run1 and width is not None:  # a cache that will not fit is refused before anything is loaded
         check_cache_fits(s, width, cache_device, env)
@@ -284,7 +284,11 @@ def init_from_teacher(s, student, teacher, layers, env):
                          vocab_size=student.config.vocab_size)
     tokens = [loader.next_batch()[0] for _ in range(s.num_batches)]
     return init_mlps_from_teacher(student, teacher, tokens, layers, env, refit=s.refit_down,
-                                  cache_device=env.device if s.cache_device == "device" else "cpu")
+                                  cache_device=phase1_cache_device(s, env))
+
+
+def phase1_cache_device(s, env):
+    return env.device if s.cache_device == "device" else "cpu"
 
 
 def phase1_layers(s, config):
@@ -356,7 +360,7 @@ def run_phase1(run, layers, checkpoint, resume_path):
     for r in range(progress["rotation"], s.rotations):
         rotation_loader = loader.state_dict()  # a checkpoint inside this rotation re-reads its batches from here
         train_tokens = [loader.next_batch()[0] for _ in range(s.num_batches)]
-        caches = [LayerCache(run.teacher, run.student, tokens, env.device if s.cache_device == "device" else "cpu",
+        caches = [LayerCache(run.teacher, run.student, tokens, phase1_cache_device(s, env),
                              run.ctx, latent=s.latent, target=s.target_trainable, loss=s.layer_loss)
                   for tokens in (train_tokens, val_tokens)]
         first = progress["position"] if r == progress["rotation"] else 0
