@@ -8,6 +8,7 @@ A checkpoint is complete when its .json exists; every function here ignores the 
 import json
 import os
 import re
+import types
 
 import torch
 
@@ -112,6 +113,31 @@ def furthest_phase1_state(run_dir):
             p = checkpoint_meta(path)["progress"]
             found.append(((p["rotation"], p["position"], p["step"]), path))
     return max(found)[1] if found else None
+
+
+def distill_start(run_dir, phases, resume, init_from):
+    """Where a distill.py run starts: which phases run (`phases` "1", "2" or "12") and from which checkpoint (the
+    newest phase-2 step, else the furthest phase-1 state, else phase 1's final.pt, else `init_from`, else path None:
+    a student built from the teacher). A run dir with checkpoints is refused without `resume`, and `resume` is
+    refused on a run dir without any."""
+    final = os.path.join(run_dir, "final.pt")
+    phase1_state = os.path.join(run_dir, "phase1_state.pt")
+    existing = newest_checkpoint(run_dir) or \
+        next((p for p in (phase1_state, final) if os.path.exists(p)), None)
+    if existing and not resume:
+        raise SystemExit(f"run dir '{run_dir}' already holds checkpoints ({existing}); pass --resume to "
+                         f"continue it, or choose a new --run-dir")
+    if resume and not existing:
+        raise SystemExit(f"--resume: run dir '{run_dir}' holds no complete checkpoint; nothing to resume")
+    phase1_done = is_complete(final)
+    phase2_path = newest_checkpoint(run_dir, "step_") if resume else None
+    phase1_path = None
+    if resume and not phase1_done and not phase2_path:
+        phase1_path = furthest_phase1_state(run_dir)
+    return types.SimpleNamespace(
+        run1="1" in phases and not phase1_done and phase2_path is None, run2="2" in phases,
+        phase1_path=phase1_path, phase2_path=phase2_path,
+        path=phase2_path or phase1_path or (final if phase1_done else None) or init_from)
 
 
 def prune_checkpoints(run_dir, keep, prefix="step_"):

@@ -1,6 +1,6 @@
 """The settings layer. A script's settings are its annotated UPPER_CASE module constants, each with a one-line
-comment (`BATCH_SIZE: int = 8  # sequences per batch`); a plain constant without an annotation is fixed by the
-code. `configure(globals())` applies `--config file.yaml` and command-line overrides through argparse, coerces
+comment (`BATCH_SIZE: int = 8  # sequences per batch`); a `Literal[...]` annotation lists the allowed values; a
+plain constant without an annotation is fixed by the code. `configure(globals())` applies `--config file.yaml` and command-line overrides through argparse, coerces
 each value to the annotated type, writes the effective values back into the namespace, and returns them as a
 plain dict (lower-case keys) to be saved with runs and checkpoints.
 """
@@ -42,6 +42,8 @@ class _YamlLoader(yaml.SafeLoader):
 
 
 def _type_name(tp):
+    if typing.get_origin(tp) is typing.Literal:
+        return "|".join(map(str, typing.get_args(tp)))
     return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
@@ -57,6 +59,14 @@ def coerce(value, tp, key):
             except ConfigError:
                 pass
         raise ConfigError(f"key '{key}': value {value!r} is not {_type_name(tp)}")
+    if origin is typing.Literal:  # a choice: `PHASES: Literal["1", "2", "12"]`
+        for choice in args:
+            try:
+                if coerce(value, type(choice), key) == choice:
+                    return choice
+            except ConfigError:
+                pass
+        raise ConfigError(f"key '{key}': value {value!r} is not one of {', '.join(map(str, args))}")
     if origin in (list, tuple) or tp in (list, tuple):
         if isinstance(value, str):  # a command-line list: YAML's `[64, null]` or plain `64,null`
             text = value.strip()

@@ -6,8 +6,9 @@
 
 The student is a copy of the teacher (embeddings, attention, norms, head) with per-layer changes: MLPs of another
 kind or width, and/or sliding-window attention in all but a few layers. A new MLP starts as the teacher's most
-important neurons with a least-squares down projection (MLP_INIT=prune, REFIT_DOWN; see student.py), or with
-its down projection at zero, the student being "the teacher minus those MLPs" (MLP_INIT=zero).
+important neurons with a down projection refit by least squares, layer by layer on the student's own trajectory,
+so each fit also corrects the error of the pruned layers below it (MLP_INIT=prune, REFIT_DOWN; see student.py),
+or with its down projection at zero, the student being "the teacher minus those MLPs" (MLP_INIT=zero).
 
 Phase 1, layer-wise rotation. For each layer i of LAYERS, ROTATIONS times, STEPS_PER_LAYER AdamW steps train only
 layer i's target (decoder: mlp_norm + MLP, attn: attn_norm + attention, or block) to map an input latent to the
@@ -26,11 +27,10 @@ phase. Beside it: student.py builds the student, layer_cache.py holds phase 1's 
 the chunked CE/KD/eval, training.py the guarded optimizer step and resume that train.py uses too.
 """
 import dataclasses
-import json
 import os
 import time
 import types
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -45,9 +45,8 @@ from hf_interop import (llama_incompatible_layers, load_model, load_tokenizer, m
 from layer_cache import LayerCache, batch_index, check_cache_fits, layer_loss, trainable_part
 from model import MLP_KINDS
 from runtime import autocast, resolve_dtype, say, setup_device, shutdown
-from student import (build_student, check_layers, check_student_matches_teacher, init_mlps_from_teacher,
-                     layer_target, phase2_target, set_trainable, student_config)
-from training import (all_reduce_gradients, changed_settings, guarded_step, load_optimizer_state, lr_at,
+from student import check_layers, init_new_mlps, layer_target, load_student, phase2_target, set_trainable
+from training import (Throughput, all_reduce_gradients, changed_settings, guarded_step, load_optimizer_state, lr_at,
                       micro_batches, restore_training_state, save_run_checkpoint, set_lr)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,25 +57,25 @@ INIT_FROM: Optional[str] = None  # start the student from this checkpoint of our
 DATA_DIR: str = "data/fineweb_edu"  # shards + manifest.json from prepare.py, made with the teacher's tokenizer
 RUN_DIR: str = "runs/distill"  # holds config.json, metrics.jsonl, tokenizer/, layer_XXX.pt, final.pt, step_XXXXXX.pt
 RESUME: bool = False  # continue RUN_DIR exactly from its furthest saved state (phase 1 or 2)
-PHASES: str = "12"  # which phases run: "1" (layer-wise), "2" (logit distillation) or "12" (both, in order)
+PHASES: Literal["1", "2", "12"] = "12"  # which phases run: "1" (layer-wise), "2" (logit distillation) or "12" (both, in order)
 # the student (ignored when the student comes from a checkpoint: then its own architecture is used)
-MLP_KIND: str = "relu2"  # MLP of the replaced layers: relu2 | gelu | silu | swiglu, or keep (the teacher's MLP)
+MLP_KIND: Literal[*MLP_KINDS, "keep"] = "relu2"  # MLP of the replaced layers: relu2 | gelu | silu | swiglu, or keep (the teacher's MLP)
 MLP_HIDDEN: Optional[int] = None  # width of the new MLPs; None = half the teacher's, rounded down to a multiple of 8
 MLP_LAYERS: Optional[list[int]] = None  # layers whose MLP is replaced; None = every layer
-MLP_INIT: str = "prune"  # new MLPs start as: prune (the teacher's most important neurons) | zero (down = 0: the teacher minus its MLPs)
-REFIT_DOWN: bool = True  # with prune: refit each new MLP's down projection by least squares to the teacher MLP's output
+MLP_INIT: Literal["prune", "zero"] = "prune"  # new MLPs start as: prune (the teacher's most important neurons) | zero (down = 0: the teacher minus its MLPs)
+REFIT_DOWN: bool = True  # with prune: refit each new MLP's down projection by least squares, layer by layer on the student's own trajectory, so its hidden state after the layer matches the teacher's
 WINDOW: Optional[int] = None  # sliding-window size W for attention; None = full attention everywhere
 FULL_ATTN_LAYERS: list[int] = []  # with WINDOW: layers that keep full attention (a hybrid student)
 # phase 1: layer-wise rotation
 LAYERS: Optional[list[int]] = None  # layers trained in each rotation, increasing (the cache only moves up); None = every layer
 ROTATIONS: int = 1  # passes over LAYERS; each pass reads NUM_BATCHES new batches
 STEPS_PER_LAYER: int = 200  # optimizer steps per layer per rotation
-TARGET_TRAINABLE: str = "decoder"  # what trains in layer i: decoder (mlp_norm + MLP) | attn (attn_norm + attention) | block
-LATENT: str = "teacher"  # input latent of layer i: teacher (the teacher's trajectory) | student (the student's own; 2x cache)
-LAYER_LOSS: str = "nmse"  # phase-1 loss: mse | nmse (MSE / mean square of the teacher's update: one scale in every layer)
+TARGET_TRAINABLE: Literal["decoder", "attn", "block"] = "decoder"  # what trains in layer i: decoder (mlp_norm + MLP) | attn (attn_norm + attention) | block
+LATENT: Literal["teacher", "student"] = "teacher"  # input latent of layer i: teacher (the teacher's trajectory) | student (the student's own; 2x cache)
+LAYER_LOSS: Literal["mse", "nmse"] = "nmse"  # phase-1 loss: mse | nmse (MSE / mean square of the teacher's update: one scale in every layer)
 COSINE_WEIGHT: float = 0.0  # phase-1 loss = MSE + COSINE_WEIGHT * (1 - cosine of the layer's update to the residual stream)
 NUM_BATCHES: int = 16  # batches per rank held in the phase-1 cache; a layer's steps cycle through them
-CACHE_DEVICE: str = "device"  # where the phase-1 cache lives: device (the accelerator) | cpu (host memory)
+CACHE_DEVICE: Literal["device", "cpu"] = "device"  # where the phase-1 cache lives: device (the accelerator) | cpu (host memory)
 LR_LAYER: float = 1e-3  # phase-1 peak learning rate (a fresh AdamW for each layer)
 WARMUP_LAYER: int = 10  # phase-1 warmup steps at the start of each layer
 CHECKPOINT_EVERY_LAYER: int = 50  # phase 1: save a resumable state every N steps inside a layer (0 = only at its end)
@@ -85,12 +84,12 @@ EVAL_EVERY_LAYERS: int = 0  # phase 1: end-to-end eval after every N layers (0 =
 ALPHA: float = 0.5  # loss = ALPHA * KD + (1 - ALPHA) * CE; 0 = CE only, and the teacher is not loaded
 TEMPERATURE: float = 1.0  # KD temperature T: KL between softmax(logits / T), times T^2
 TOP_K: int = 0  # 0 = KL over the full vocabulary; k > 0 = exact KL over the teacher's top-k ids plus one tail bucket
-TRAIN_PARAMS: str = "all"  # phase-2 trainable part: all | blocks (not embeddings/head/final norm) | mlp | attn
+TRAIN_PARAMS: Literal["all", "blocks", "mlp", "attn"] = "all"  # phase-2 trainable part: all | blocks (not embeddings/head/final norm) | mlp | attn
 MAX_STEPS: int = 1000  # phase-2 optimizer steps
 LR: float = 3e-4  # phase-2 peak learning rate
 MIN_LR_FRAC: float = 0.1  # the LR decays to MIN_LR_FRAC * LR (both phases)
 WARMUP_STEPS: int = 100  # phase-2 linear warmup
-LR_SCHEDULE: str = "cosine"  # trapezoid, cosine or constant (both phases)
+LR_SCHEDULE: Literal["trapezoid", "cosine", "constant"] = "cosine"  # trapezoid, cosine or constant (both phases)
 COOLDOWN_FRAC: float = 0.2  # trapezoid: the last COOLDOWN_FRAC of each layer's steps (phase 1) and of phase 2 decay linearly
 GRAD_ACCUM: int = 1  # phase-2 micro-batches per optimizer step
 CHECKPOINT_EVERY: int = 250  # phase 2: evaluate and save step_XXXXXX.pt every N steps and at the end (0 = only at the end)
@@ -144,7 +143,7 @@ def main(argv=None):
     torch.manual_seed(s.seed)
 
     # ---- Where this run starts: a phase-2 step, a phase-1 state, phase 1's final.pt, INIT_FROM or the teacher
-    start = find_start(s)
+    start = checkpoints.distill_start(s.run_dir, s.phases, s.resume, s.init_from)
     cache_device = phase1_cache_device(s, env)
     width = model_width(s.teacher)
     if start.run1 and width is not None:  # a cache that will not fit is refused before anything is loaded
@@ -167,7 +166,7 @@ def main(argv=None):
     check_data_matches_tokenizer(s.data_dir, tokenizer, student.config.vocab_size)
     describe_models(s, teacher, student, env, dtype)
     if new_mlps and s.mlp_init == "prune":
-        init_from_teacher(s, student, teacher, new_mlps, env)
+        init_new_mlps(s, student, teacher, new_mlps, env, phase1_cache_device(s, env))
 
     # ---- Run dir: effective config, tokenizer copy, metrics (only rank 0 writes)
     metrics = checkpoints.MetricsLog(s.run_dir, enabled=False)
@@ -210,13 +209,6 @@ def read_settings(argv=None):
 
 def check_settings(s):
     """Settings that can be refused before anything is loaded."""
-    choices = {"phases": ("1", "2", "12"), "target_trainable": ("decoder", "attn", "block"),
-               "latent": ("teacher", "student"), "cache_device": ("device", "cpu"), "mlp_kind": MLP_KINDS + ("keep",),
-               "mlp_init": ("prune", "zero"), "layer_loss": ("mse", "nmse"),
-               "train_params": ("all", "blocks", "mlp", "attn"), "lr_schedule": ("trapezoid", "cosine", "constant")}
-    for name, allowed in choices.items():
-        if getattr(s, name) not in allowed:
-            raise ConfigError(f"{name} = {getattr(s, name)!r}; expected one of {', '.join(allowed)}")
     check_at_least(vars(s), 1, ("rotations", "steps_per_layer", "num_batches", "max_steps", "grad_accum",
                                 "batch_size", "seq_len", "eval_tokens", "loss_chunk", "log_every"))
     check_at_least(vars(s), 0, ("top_k", "warmup_layer", "warmup_steps", "checkpoint_every",
@@ -236,56 +228,8 @@ def check_settings(s):
                           f"'{s.run_dir}' from its own state; drop one of them")
 
 
-def find_start(s):
-    """Which phases run and from which checkpoint: the newest phase-2 step, else the furthest phase-1 state,
-    else phase 1's final.pt, else INIT_FROM, else (path None) a student built from the teacher."""
-    final = os.path.join(s.run_dir, "final.pt")
-    phase1_state = os.path.join(s.run_dir, "phase1_state.pt")
-    existing = checkpoints.newest_checkpoint(s.run_dir) or \
-        next((p for p in (phase1_state, final) if os.path.exists(p)), None)
-    if existing and not s.resume:
-        raise SystemExit(f"run dir '{s.run_dir}' already holds checkpoints ({existing}); pass --resume to "
-                         f"continue it, or choose a new --run-dir")
-    if s.resume and not existing:
-        raise SystemExit(f"--resume: run dir '{s.run_dir}' holds no complete checkpoint; nothing to resume")
-    phase1_done = checkpoints.is_complete(final)
-    phase2_path = checkpoints.newest_checkpoint(s.run_dir, "step_") if s.resume else None
-    phase1_path = None
-    if s.resume and not phase1_done and not phase2_path:
-        phase1_path = checkpoints.furthest_phase1_state(s.run_dir)
-    return types.SimpleNamespace(
-        run1="1" in s.phases and not phase1_done and phase2_path is None, run2="2" in s.phases,
-        phase1_path=phase1_path, phase2_path=phase2_path,
-        path=phase2_path or phase1_path or (final if phase1_done else None) or s.init_from)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The student
-
-def load_student(s, start_path, teacher):
-    """The student from the checkpoint a run starts at, or built from the teacher: (student, its checkpoint or
-    None, the layers whose MLP is new)."""
-    if start_path is not None:
-        student, checkpoint = load_model(start_path)
-        if teacher is not None:
-            check_student_matches_teacher(student.config, teacher.config, start_path, s.teacher)
-        say(f"student: from {start_path} (its architecture; mlp_kind/mlp_hidden/window settings are not used)")
-        return student, checkpoint, []
-    config = student_config(teacher.config, s.mlp_kind, s.mlp_hidden, s.mlp_layers, s.window, s.full_attn_layers)
-    student, new_mlps = build_student(teacher, config)
-    say(f"student: copy of {s.teacher} with new MLPs in layers {new_mlps} (mlp_init {s.mlp_init})")
-    return student, None, new_mlps
-
-
-def init_from_teacher(s, student, teacher, layers, env):
-    """The new MLPs as the teacher's most important neurons, their down projections refit by least squares, on
-    the first NUM_BATCHES train batches of this rank (the batches phase 1's first rotation trains on)."""
-    loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
-                         vocab_size=student.config.vocab_size)
-    tokens = [loader.next_batch()[0] for _ in range(s.num_batches)]
-    return init_mlps_from_teacher(student, teacher, tokens, layers, env, refit=s.refit_down,
-                                  cache_device=phase1_cache_device(s, env))
-
 
 def phase1_cache_device(s, env):
     return env.device if s.cache_device == "device" else "cpu"
@@ -454,25 +398,22 @@ def layer_steps(run, cache, optimizer, where, rotation_loader, total_steps):
     tokens_per_step = s.batch_size * s.seq_len * env.world_size
     bar = tqdm(range(where["step"], s.steps_per_layer), disable=not env.is_master, desc=f"rot {r} layer {i}",
                unit="step", dynamic_ncols=True, leave=False)
-    t_last = window_start = time.perf_counter()
+    throughput = Throughput(tokens_per_step)
     for step in bar:
         lr = lr_at(step, s.steps_per_layer, s.lr_layer, s.warmup_layer, schedule=s.lr_schedule,
                    cooldown_frac=s.cooldown_frac, min_lr_frac=s.min_lr_frac)
         loss = layer_step(run, cache, optimizer, batch_index(s.seed, r, i, step, s.num_batches), lr, total_steps)
         total_steps += 1
-        now = time.perf_counter()
         run.metrics.write(phase=1, step=total_steps, rotation=r, layer=i, layer_step=step + 1, loss=loss, lr=lr,
-                          tokens_per_s=tokens_per_step / (now - t_last))
-        t_last = now
+                          tokens_per_s=throughput.step()[1])
         if (step + 1) % s.log_every == 0:
             say(f"rotation {r} layer {i} step {step + 1}/{s.steps_per_layer} | loss {loss:.6f} | lr {lr:.2e} | "
-                f"{s.log_every * tokens_per_step / (now - window_start):,.0f} tok/s")
-            window_start = now
+                f"{throughput.window_rate():,.0f} tok/s")
         if s.checkpoint_every_layer and (step + 1) % s.checkpoint_every_layer == 0 and step + 1 < s.steps_per_layer:
             save_student(run, "phase1_state.pt", {"phase": 1, "step": total_steps, "loader": rotation_loader,
                                                   "optimizer": optimizer.state_dict(),
                                                   "progress": {**where, "step": step + 1}})
-            t_last = window_start = time.perf_counter()
+            throughput.pause()
     bar.close()
     return total_steps
 
@@ -518,8 +459,7 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
         f"({sum(p.numel() for p in params) / 1e6:.2f}M) | {tokens_per_step:,} tokens/step")
     bar = tqdm(total=s.max_steps, initial=step, disable=not env.is_master, desc="phase 2", unit="step",
                dynamic_ncols=True)
-    t_last = window_start = time.perf_counter()
-    window_steps, epoch = 0, loader.epoch  # passes over the train stream so far; it wraps at the end
+    throughput, epoch = Throughput(tokens_per_step), loader.epoch  # passes over the train stream so far; it wraps
     while step < s.max_steps:
         lr = lr_at(step, s.max_steps, s.lr, s.warmup_steps, schedule=s.lr_schedule, cooldown_frac=s.cooldown_frac,
                    min_lr_frac=s.min_lr_frac)
@@ -532,29 +472,23 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
             sums += torch.stack([loss.detach(), ce, kd]) / s.grad_accum
         (loss, ce, kd), norm = guarded_step(optimizer, sums, env, s.grad_clip, s.run_dir, step)
         step += 1
-        now = time.perf_counter()
         run.metrics.write(phase=2, step=step, loss=loss, ce=ce, kd=kd if s.alpha > 0 else None, lr=lr,
-                          grad_norm=norm, alpha=s.alpha, tokens_per_s=tokens_per_step / (now - t_last),
-                          epoch=loader.epoch)
-        t_last = now
+                          grad_norm=norm, alpha=s.alpha, tokens_per_s=throughput.step()[1], epoch=loader.epoch)
         bar.update(1)
-        window_steps += 1
         if loader.epoch != epoch:
             epoch = loader.epoch
             say(f"phase 2 step {step}: the train stream wrapped around; epoch {epoch} begins")
         if step % s.log_every == 0 or step == s.max_steps:
             say(f"phase 2 step {step} | epoch {loader.epoch} | loss {loss:.4f} | ce {ce:.4f}"
                 + (f" | kd {kd:.4f}" if s.alpha > 0 else "") + f" | lr {lr:.2e} | grad norm {norm:.3f} | "
-                f"{window_steps * tokens_per_step / (now - window_start):,.0f} tok/s")
-            window_start, window_steps = now, 0
+                f"{throughput.window_rate():,.0f} tok/s")
         if (s.checkpoint_every > 0 and step % s.checkpoint_every == 0) or step == s.max_steps:
             result = evaluate_student(run, f"phase 2 step {step}")
             run.metrics.write(phase=2, step=step, event="eval", **result)
             save_student(run, f"step_{step:06d}.pt", {"phase": 2, "step": step, "alpha": s.alpha, "eval": result,
                                                       "optimizer": optimizer.state_dict(),
                                                       "loader": loader.state_dict()}, prefix="step_")
-            t_last = window_start = time.perf_counter()
-            window_steps = 0
+            throughput.pause()
     bar.close()
 
 

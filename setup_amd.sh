@@ -28,16 +28,15 @@ TXT
     echo "$COMMON_USAGE"
 }
 
-while [ $# -gt 0 ]; do
+script_flag() {  # this script's own flags (sets FLAG_SHIFT); returns 1 for any other
     case "$1" in
-        --rocm) ROCM_TAG="${2:?--rocm needs a value like rocm6.4}"; shift 2 ;;
-        --rocm=*) ROCM_TAG="${1#*=}"; shift ;;
-        --rocm-arch) ROCM_ARCH="${2:?--rocm-arch needs a value like gfx942}"; shift 2 ;;
-        --rocm-arch=*) ROCM_ARCH="${1#*=}"; shift ;;
-        --gfx*) ROCM_ARCH="${1#--}"; shift ;;
-        *) common_flag "$@"; shift "$COMMON_SHIFT" ;;
+        --rocm) ROCM_TAG="${2:?--rocm needs a value like rocm6.4}"; FLAG_SHIFT=2 ;;
+        --rocm-arch) ROCM_ARCH="${2:?--rocm-arch needs a value like gfx942}"; FLAG_SHIFT=2 ;;
+        --gfx*) ROCM_ARCH="${1#--}" ;;
+        *) return 1 ;;
     esac
-done
+}
+parse_flags "$@"
 if [ -n "$ROCM_ARCH" ] && ! [[ "$ROCM_ARCH" =~ ^gfx[0-9a-z]+$ ]]; then
     echo "setup_amd.sh: ROCm arch '$ROCM_ARCH' must match ^gfx[0-9a-z]+\$ (e.g. gfx942, gfx90a, gfx1100)" >&2
     exit 2
@@ -45,22 +44,9 @@ fi
 [[ "$ROCM_TAG" =~ ^rocm[0-9.]+$ ]] || { echo "setup_amd.sh: --rocm '$ROCM_TAG' must look like rocm6.4" >&2; exit 2; }
 
 
-has_amd_gpu() { command -v rocminfo >/dev/null 2>&1 && rocminfo 2>/dev/null | grep -q 'gfx[0-9]'; }
-
-torch_is_right() {  # the pinned version, with HIP on an AMD machine
-    [ "$(installed_version torch | cut -d+ -f1)" = "$TORCH_VERSION" ] || return 1
-    if has_amd_gpu; then "$PY" -c 'import torch, sys; sys.exit(torch.version.hip is None)'; fi
-}
-
-install_torch() {
-    if has_amd_gpu; then
-        echo "AMD GPU found: installing torch==$TORCH_VERSION ($ROCM_TAG) and its pytorch-triton-rocm"
-        "${PIP[@]}" install "torch==$TORCH_VERSION" pytorch-triton-rocm \
-            --index-url "https://download.pytorch.org/whl/$ROCM_TAG" --extra-index-url https://pypi.org/simple
-    else
-        install_cpu_torch
-    fi
-}
+has_gpu() { command -v rocminfo >/dev/null 2>&1 && rocminfo 2>/dev/null | grep -q 'gfx[0-9]'; }
+# the ROCm index's torch needs its matching triton build from the same index
+GPU_NAME="AMD" GPU_RUNTIME="hip" WHEEL_TAG="$ROCM_TAG" GPU_EXTRA_PACKAGES=(pytorch-triton-rocm)
 
 # gfx942 -> 9.4.2, gfx90a -> 9.0.10, gfx1100 -> 11.0.0: major, minor digit, stepping (hex) digit
 hsa_version() { local d="${1#gfx}"; echo "${d:0:${#d}-2}.${d: -2:1}.$((16#${d: -1}))"; }

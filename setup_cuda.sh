@@ -25,31 +25,17 @@ TXT
     echo "$COMMON_USAGE"
 }
 
-while [ $# -gt 0 ]; do
+script_flag() {  # this script's own flags (sets FLAG_SHIFT); returns 1 for any other
     case "$1" in
-        --cuda) CUDA_TAG="${2:?--cuda needs a value like cu128}"; shift 2 ;;
-        --cuda=*) CUDA_TAG="${1#*=}"; shift ;;
-        *) common_flag "$@"; shift "$COMMON_SHIFT" ;;
+        --cuda) CUDA_TAG="${2:?--cuda needs a value like cu128}"; FLAG_SHIFT=2 ;;
+        *) return 1 ;;
     esac
-done
+}
+parse_flags "$@"
 [[ "$CUDA_TAG" =~ ^cu[0-9]+$ ]] || { echo "setup_cuda.sh: --cuda '$CUDA_TAG' must look like cu128" >&2; exit 2; }
 
 
-has_nvidia_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
-
-torch_is_right() {  # the pinned version, with CUDA on a GPU machine
-    [ "$(installed_version torch | cut -d+ -f1)" = "$TORCH_VERSION" ] || return 1
-    if has_nvidia_gpu; then "$PY" -c 'import torch, sys; sys.exit(torch.version.cuda is None)'; fi
-}
-
-install_torch() {
-    if has_nvidia_gpu; then
-        echo "NVIDIA GPU found: installing torch==$TORCH_VERSION ($CUDA_TAG)"
-        "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url "https://download.pytorch.org/whl/$CUDA_TAG" \
-            --extra-index-url https://pypi.org/simple
-    else
-        install_cpu_torch
-    fi
-}
+has_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+GPU_NAME="NVIDIA" GPU_RUNTIME="cuda" WHEEL_TAG="$CUDA_TAG" GPU_EXTRA_PACKAGES=()
 
 setup_main

@@ -8,6 +8,8 @@ import time
 import torch
 
 from config import ConfigError
+from data import TokenLoader
+from hf_interop import load_model
 from layer_cache import LayerCache
 from model import GPT, GPTConfig, SwiGLU
 from runtime import all_reduce_sum, say
@@ -134,15 +136,18 @@ def refit_down(student_mlp, inputs, outputs, env, apply=True):
 
 
 @torch.no_grad()
-def init_mlps_from_teacher(student, teacher, tokens, layers, env, *, cache_device, refit=True):
+def init_mlps_from_teacher(student, teacher, tokens, layers, env, *, cache_device, refit=True, latent="teacher"):
     """Initialise the student's new MLPs in `layers` from the teacher's: prune (and refit) on the hidden states
-    of the batches `tokens` (this rank's list of (B, T) id tensors), walked up the teacher once in a LayerCache,
-    in fp32. Returns {layer: MSE of the student's MLP output against the teacher's after pruning, and after the
-    refit} on those tokens."""
-    # the teacher's own trajectory: the MLP input is h + attention(h) and the teacher's MLP output is the block's
-    # output minus it, so no MLP runs twice
+    of the batches `tokens` (this rank's list of (B, T) id tensors), walked up the network once in a LayerCache,
+    in fp32. With latent "teacher" each MLP is fit on the teacher's trajectory: the target is the teacher MLP's
+    output. With latent "student" the layers are fit in order on the student's own trajectory (its MLPs below
+    already initialised): the target is what the MLP must add for the student's hidden state after the layer to
+    equal the teacher's, so each refit also corrects the error the pruned layers below it left. Returns
+    {layer: MSE of the MLP output against that target after pruning, and after the refit} on those tokens."""
+    # the MLP input is h + attention(h) and the target is the teacher's block output minus it, so no MLP runs twice
     t0 = time.perf_counter()
-    cache = LayerCache(teacher, teacher, tokens, cache_device, contextlib.nullcontext())
+    cache = LayerCache(teacher, teacher if latent == "teacher" else student, tokens, cache_device,
+                       contextlib.nullcontext(), latent=latent)
     report = {}
     for i in sorted(layers):
         inputs, targets = cache.begin_layer(i, env)
@@ -158,6 +163,34 @@ def init_mlps_from_teacher(student, teacher, tokens, layers, env, *, cache_devic
         + (", down refit by least squares" if refit else "") + f" | mean MLP-output MSE vs the teacher "
         f"{mean('mse_pruned'):.5f} pruned -> {mean('mse_init'):.5f} | {time.perf_counter() - t0:.1f}s")
     return report
+
+
+def load_student(s, start_path, teacher):
+    """distill.py's student (settings `s`): from the checkpoint a run starts at, or built from the teacher:
+    (student, its checkpoint or None, the layers whose MLP is new)."""
+    if start_path is not None:
+        student, checkpoint = load_model(start_path)
+        if teacher is not None:
+            check_student_matches_teacher(student.config, teacher.config, start_path, s.teacher)
+        say(f"student: from {start_path} (its architecture; mlp_kind/mlp_hidden/window settings are not used)")
+        return student, checkpoint, []
+    config = student_config(teacher.config, s.mlp_kind, s.mlp_hidden, s.mlp_layers, s.window, s.full_attn_layers)
+    student, new_mlps = build_student(teacher, config)
+    say(f"student: copy of {s.teacher} with new MLPs in layers {new_mlps} (mlp_init {s.mlp_init})")
+    return student, None, new_mlps
+
+
+def init_new_mlps(s, student, teacher, layers, env, cache_device):
+    """distill.py's MLP_INIT=prune: the new MLPs as the teacher's most important neurons, their down projections
+    refit by least squares (REFIT_DOWN), on the first NUM_BATCHES train batches of this rank (the batches phase
+    1's first rotation trains on). The layers are fit in order on the student's own trajectory: on the real
+    SmolLM2 teacher that start is 0.15 (SwiGLU 512) to 0.92 (relu2 768) nats of val CE better than fitting each
+    MLP on the teacher's (README, Performance)."""
+    loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
+                         vocab_size=student.config.vocab_size)
+    tokens = [loader.next_batch()[0] for _ in range(s.num_batches)]
+    return init_mlps_from_teacher(student, teacher, tokens, layers, env, refit=s.refit_down,
+                                  cache_device=cache_device, latent="student")
 
 
 def check_student_matches_teacher(student_config_, teacher_config, student_source, teacher_source):

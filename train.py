@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -30,7 +30,7 @@ from data import (ShardError, TokenLoader, check_data_matches_tokenizer, check_t
 from hf_interop import load_model, load_tokenizer, tokenizer_source
 from model import GPT, GPTConfig
 from runtime import autocast, peak_flops, resolve_dtype, say, setup_device, shutdown
-from training import (changed_settings, guarded_step, lr_at, micro_batches, restore_training_state,
+from training import (Throughput, changed_settings, guarded_step, lr_at, micro_batches, restore_training_state,
                       save_run_checkpoint, set_lr)
 
 # ----------------------------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ TARGET_TOKENS: Optional[int] = None  # train on this many tokens: max_steps = ce
 LR: float = 3e-4  # peak learning rate
 MIN_LR_FRAC: float = 0.0  # the LR decays to MIN_LR_FRAC * LR at the end of the cooldown / cosine
 WARMUP_STEPS: int = 100  # linear warmup from LR / WARMUP_STEPS to LR
-LR_SCHEDULE: str = "trapezoid"  # trapezoid (warmup, constant, linear cooldown), cosine, or constant
+LR_SCHEDULE: Literal["trapezoid", "cosine", "constant"] = "trapezoid"  # trapezoid (warmup, constant, linear cooldown), cosine, or constant
 COOLDOWN_FRAC: float = 0.2  # trapezoid: the last COOLDOWN_FRAC of the steps decay linearly
 WEIGHT_DECAY: float = 0.1  # AdamW decay on matrices and embeddings (never on norm gains)
 BETAS: tuple[float, float] = (0.9, 0.95)  # AdamW betas
@@ -73,8 +73,6 @@ config = configure(globals())
 # ----------------------------------------------------------------------------------------------------------
 # Check the settings before anything slow happens
 
-if LR_SCHEDULE not in ("trapezoid", "cosine", "constant"):
-    raise ConfigError(f"lr_schedule = {LR_SCHEDULE!r}; expected trapezoid, cosine or constant")
 check_at_least(globals(), 1, ("BATCH_SIZE", "SEQ_LEN", "GRAD_ACCUM", "EVAL_TOKENS", "LOG_EVERY"))
 check_at_least(globals(), 0, ("MAX_STEPS", "WARMUP_STEPS", "EVAL_EVERY", "CHECKPOINT_EVERY", "KEEP_CHECKPOINTS"))
 if TARGET_TOKENS is not None and TARGET_TOKENS < 1:
@@ -270,8 +268,7 @@ if step == 0 and EVAL_EVERY > 0 and max_steps > 0:
     log(step=0, val_loss=val_loss, val_ppl=math.exp(val_loss))
 
 progress = tqdm(total=max_steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
-window_start, window_steps, last_saved = time.perf_counter(), 0, None
-t_last = time.perf_counter()
+throughput, last_saved = Throughput(tokens_per_step), None
 epoch = loader.epoch  # passes over the train stream so far; it wraps at the end
 while step < max_steps:
     lr = lr_at(step, max_steps, LR, WARMUP_STEPS, schedule=LR_SCHEDULE, cooldown_frac=COOLDOWN_FRAC,
@@ -291,9 +288,7 @@ while step < max_steps:
                                              step)
     step += 1
 
-    now = time.perf_counter()
-    dt, t_last = now - t_last, now
-    tokens_per_s = tokens_per_step / dt
+    dt, tokens_per_s = throughput.step()
     mfu = flops_per_token * tokens_per_s / (peak * env.world_size) if peak else None
     log(step=step, loss=loss_value, lr=lr, grad_norm=norm_value, tokens=step * tokens_per_step, dt=dt,
         tokens_per_s=tokens_per_s, mfu=mfu, epoch=loader.epoch)
@@ -301,13 +296,11 @@ while step < max_steps:
         epoch = loader.epoch
         say(f"step {step}: the train stream wrapped around; epoch {epoch} begins")
     progress.update(1)
-    window_steps += 1
     if step % LOG_EVERY == 0 or step == max_steps:
-        rate = window_steps * tokens_per_step / (now - window_start)
+        rate = throughput.window_rate()
         mfu_text = f" | mfu {100 * rate * flops_per_token / (peak * env.world_size):.1f}%" if peak else ""
         say(f"step {step} | epoch {loader.epoch} | loss {loss_value:.4f} | lr {lr:.3e} | grad norm "
             f"{norm_value:.3f} | {rate:,.0f} tok/s{mfu_text}")
-        window_start, window_steps = time.perf_counter(), 0
     paused = False
     if (EVAL_EVERY > 0 and step % EVAL_EVERY == 0) or step == max_steps:
         val_loss = evaluate(eval_model)
@@ -318,8 +311,7 @@ while step < max_steps:
         save(step, val_loss)
         last_saved, paused = step, True
     if paused:  # evals and saves are not training time: leave them out of the tokens/s that follow
-        t_last = window_start = time.perf_counter()
-        window_steps = 0
+        throughput.pause()
 progress.close()
 
 if last_saved is None:

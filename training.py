@@ -1,9 +1,11 @@
 """The optimizer step shared by train.py and both phases of distill.py: the LR schedule, micro-batches under
 DDP, the guarded step (clip, average losses over ranks, stop on NaN/inf before the weights change), the
-guarded save, and restoring the optimizer/loader/RNG state of a checkpoint for an exact resume."""
+guarded save, restoring the optimizer/loader/RNG state of a checkpoint for an exact resume, and the tokens/s
+that the logs report."""
 import contextlib
 import math
 import os
+import time
 
 import torch
 
@@ -137,3 +139,30 @@ def restore_training_state(checkpoint, optimizer, loader, source, hint):
     loader.load_state_dict(checkpoint["loader"])
     set_rng_state(checkpoint["rng"])
     return int(checkpoint["step"])
+
+
+class Throughput:
+    """Tokens/s of each step and of the steps since the last log line, with evals and saves left out."""
+
+    def __init__(self, tokens_per_step):
+        self.tokens_per_step = tokens_per_step
+        self.pause()
+
+    def pause(self):
+        """After an eval or a save: the time since the last step was not training, so it is not counted."""
+        self.last = self.window_start = time.perf_counter()
+        self.window_steps = 0
+
+    def step(self):
+        """Call after each optimizer step; returns (its seconds, its tokens/s)."""
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        self.window_steps += 1
+        return seconds, self.tokens_per_step / seconds
+
+    def window_rate(self):
+        """Tokens/s over the steps since the last call (or pause); the next window starts now."""
+        now = time.perf_counter()
+        rate = self.window_steps * self.tokens_per_step / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_steps = now, 0
+        return rate

@@ -11,7 +11,7 @@ from conftest import REPO
 
 SCRIPT = textwrap.dedent('''
     import json, sys
-    from typing import Optional
+    from typing import Literal, Optional
     sys.path.insert(0, {repo!r})
     from config import configure
     from data import MAGIC  # an imported constant: a tool of the script, never one of its settings
@@ -24,6 +24,8 @@ SCRIPT = textwrap.dedent('''
     BETAS: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     INIT_FROM: Optional[str] = None  # model to start from
     MODEL_CONFIG: dict = {{"n_layer": 2}}  # GPTConfig fields
+    PHASES: Literal["1", "2", "12"] = "12"  # which phases run
+    WIDTH: Literal[256, 512] = 256  # a choice of ints
     SPLITS = ("train", "val")  # no annotation: fixed by the code, not a setting
 
     config = configure(globals(), positional={positional})
@@ -47,7 +49,7 @@ def test_defaults_are_the_constants_the_script_defines(tmp_path):
     config = result(run_config_script(tmp_path))
     assert config == {"learning_rate": 3e-4, "max_steps": 100, "compile": False, "run_name": "default",
                       "windows": [None, 128], "betas": [0.9, 0.95], "init_from": None,
-                      "model_config": {"n_layer": 2}}
+                      "model_config": {"n_layer": 2}, "phases": "12", "width": 256}
 
 
 def test_all_three_cli_forms_and_types(tmp_path):
@@ -85,6 +87,8 @@ def test_positional_argument_fills_named_constant(tmp_path):
     (["--betas", "0.9"], "key 'betas': expected 2 items"),
     (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
     (["stray"], "unexpected argument"),
+    (["--phases", "3"], "key 'phases': value '3' is not one of 1, 2, 12"),
+    (["width=300"], "key 'width': value '300' is not one of 256, 512"),
 ])
 def test_bad_keys_and_values_exit_nonzero_with_named_message(tmp_path, args, message):
     proc = run_config_script(tmp_path, *args)
@@ -166,3 +170,15 @@ def test_string_annotation_is_refused():
 
     with pytest.raises(TypeError, match="MAX_STEPS has a string annotation 'int'"):
         configure({"__annotations__": {"MAX_STEPS": "int"}, "MAX_STEPS": 3}, argv=[])
+
+
+def test_a_literal_setting_takes_each_listed_value_from_yaml_or_cli_and_shows_them_in_help(tmp_path):
+    (tmp_path / "c.yaml").write_text("phases: 2\nwidth: 512\n")  # YAML reads both as ints
+    config = result(run_config_script(tmp_path, "--config", "c.yaml"))
+    assert config["phases"] == "2" and config["width"] == 512
+    assert result(run_config_script(tmp_path, "phases=1", "--width", "256"))[("phases")] == "1"
+    (tmp_path / "bad.yaml").write_text("phases: 21\n")
+    proc = run_config_script(tmp_path, "--config", "bad.yaml")
+    assert proc.returncode != 0 and "key 'phases in bad.yaml': value 21 is not one of 1, 2, 12" in proc.stderr
+    line = next(l for l in run_config_script(tmp_path, "--help").stdout.splitlines() if "--phases" in l)
+    assert "1|2|12" in line

@@ -16,7 +16,6 @@ from conftest import REPO, english_like_documents, make_tiny_llama, run_script, 
 from model import GPT, GPTConfig
 
 import checkpoints
-import config
 import distill
 import layer_cache
 import losses

@@ -134,3 +134,34 @@ def test_one_process_and_two_gloo_processes_build_the_same_student(tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
     assert one["blocks.0.mlp.down.weight"].abs().max() > 0  # initialised from the teacher, not left at zero
+
+
+def hidden_after(model, tokens, layer):
+    """The residual stream after `layer`, one (B, T, C) tensor per batch."""
+    with torch.no_grad():
+        out = []
+        for x in tokens:
+            h = model.embed(x)
+            cos, sin = model.rope(0, x.shape[1], h.device)
+            for block in model.blocks[:layer + 1]:
+                h = block(h, cos, sin)
+            out.append(h)
+        return out
+
+
+@pytest.mark.parametrize("kind,hidden", [("swiglu", 24), ("relu2", 48)])
+def test_refit_on_the_students_own_latent_corrects_the_error_of_the_layers_below(kind, hidden):
+    # Layer 0 is fit the same way under both latents (its input is the teacher's embedding either way). Layer 1
+    # then sees the student's own drifted input: fit on it, the student's state after layer 1 is closer to the
+    # teacher's than a fit on the teacher's trajectory leaves it (least squares is optimal for that very target).
+    teacher, fit = tiny_teacher(), batches(6, 1)
+    students = {}
+    for latent in ("teacher", "student"):
+        students[latent], new = build_student(teacher, student_config(teacher.config, kind, hidden, [0, 1]))
+        init_mlps_from_teacher(students[latent], teacher, fit, new, setup_device("cpu"), cache_device="cpu",
+                               latent=latent)
+    assert torch.equal(students["teacher"].blocks[0].mlp.down.weight, students["student"].blocks[0].mlp.down.weight)
+    error = {latent: sum(F.mse_loss(s, t).item() for s, t in zip(hidden_after(student, fit, 1),
+                                                                  hidden_after(teacher, fit, 1)))
+             for latent, student in students.items()}
+    assert error["student"] < 0.95 * error["teacher"], error
