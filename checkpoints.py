@@ -3,25 +3,59 @@ which checkpoint is the newest, atomic text writes, metrics.jsonl and the run di
 
 Names in a run dir: step_XXXXXX.pt (train.py and distill phase 2), layer_XXX.pt (distill phase 1, one per
 finished layer), final.pt (the end of distill phase 1), phase1_state.pt (distill's rolling mid-layer state).
-A checkpoint is complete when its .json exists; every function here ignores the others.
+A checkpoint is complete when its .json exists; every function here ignores the others. A run dir (and
+prepare.py's out dir) has one writer at a time: `lock_dir` holds an OS lock on its .lock file.
 """
+import errno
+import fcntl
 import json
+import math
 import os
 import re
+import shutil
+import socket
+import time
 import types
 
 import torch
 
 
 def atomic_torch_save(obj, path):
-    """Write to a temp file in the same directory, fsync, then rename: a crash never leaves a partial file."""
+    """Write to a temp file in the same directory, fsync, then rename: a crash never leaves a partial file. A full
+    disk (or file-size limit) ends the run with the file, the space needed and free, and the earlier checkpoints
+    untouched."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # torch.save re-raises a failed write as a RuntimeError
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        cause = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None or cause.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise SystemExit(f"cannot save '{path}': {cause.strerror} after {written / 2**20:.1f} MiB of about "
+                         f"{tensor_bytes(obj) / 2**20:.1f} MiB ({free / 2**20:.1f} MiB free on its disk). Nothing "
+                         f"was replaced: the earlier checkpoints are intact. Free some space, then --resume.") from e
     os.replace(tmp, path)
+
+
+def tensor_bytes(obj):
+    """The bytes of the tensors in a (nested) checkpoint dict: about the size of its file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def atomic_write_text(text, path):
@@ -35,10 +69,13 @@ def atomic_write_text(text, path):
 
 
 def json_safe(obj):
+    """`obj` as plain JSON: tensors described, other objects as their repr, NaN/inf as null (JSON has none)."""
     if isinstance(obj, dict):
         return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     if isinstance(obj, torch.Tensor):
@@ -68,17 +105,45 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(checkpoint, dict) or "model" not in checkpoint or "model_config" not in checkpoint:
         raise ValueError(f"checkpoint '{path}' has no 'model'/'model_config' entries; "
                          f"expected a checkpoint written by train.py or distill.py")
+    # the runs never save non-finite weights, so these were damaged after the save: refused, never resumed from
+    broken = [name for name, t in checkpoint["model"].items() if t.is_floating_point() and not t.isfinite().all()]
+    if broken:
+        raise ValueError(f"checkpoint '{path}' holds NaN/inf weights in {', '.join(broken[:3])}"
+                         f"{f' and {len(broken) - 3} more tensors' if len(broken) > 3 else ''}; it was damaged "
+                         f"after it was saved: use an earlier checkpoint")
     return checkpoint
 
 
 def checkpoint_meta(path):
-    """The .json beside a checkpoint: its metadata without loading any tensor."""
-    with open(os.path.splitext(path)[0] + ".json", encoding="utf-8") as f:
-        return json.load(f)
+    """The .json beside a checkpoint: its metadata without loading any tensor. None when it is missing or torn
+    (not whole JSON): then the save did not finish."""
+    try:
+        with open(os.path.splitext(path)[0] + ".json", encoding="utf-8") as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):  # ValueError: JSONDecodeError, or bytes that are not UTF-8
+        return None
 
 
 def is_complete(path):
-    return os.path.exists(path) and os.path.exists(os.path.splitext(path)[0] + ".json")
+    return os.path.exists(path) and checkpoint_meta(path) is not None
+
+
+def remove_unfinished_saves(run_dir):
+    """At the start of a run (under its lock): delete what killed or failed saves left, the temp files of atomic
+    writes and checkpoints whose .json mark is missing or torn. Returns the names removed."""
+    removed = []
+    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
+        path = os.path.join(run_dir, name)
+        torn = name.endswith(".pt") and not is_complete(path)
+        if re.search(r"\.tmp\.\d+$", name) or torn:
+            if os.path.isdir(path):  # the tokenizer copy is saved into a temp dir, then renamed
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            if torn and os.path.exists(os.path.splitext(path)[0] + ".json"):
+                os.remove(os.path.splitext(path)[0] + ".json")
+            removed.append(name)
+    return removed
 
 
 def complete_checkpoints(run_dir, prefix="step_"):
@@ -187,10 +252,26 @@ def trim_metrics(path, until=None):
     kept = []
     if until is not None:
         bound = tuple(until.values())
-        with open(path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip()
-                    and tuple(json.loads(line)[k] for k in until) <= bound]
+        for record in read_metrics(path):
+            if tuple(record[k] for k in until) <= bound:
+                kept.append(json.dumps(record) + "\n")
     atomic_write_text("".join(kept), path)
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl. A torn last line (the process died mid-write) is dropped with a note; a
+    bad line anywhere else is an error naming the file and line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for n, line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if n != lines[-1][0]:
+                raise ValueError(f"{path}: line {n} is not a JSON record: {line[:80]!r}") from None
+            print(f"note: {path}: dropped its torn last line {n} (the run died while writing it): {line[:80]!r}")
+    return records
 
 
 def save_tokenizer_copy(tokenizer, run_dir):
@@ -211,3 +292,37 @@ def start_run_dir(run_dir, run_config, tokenizer, resume_until=None):
     save_tokenizer_copy(tokenizer, run_dir)
     trim_metrics(metrics.path, resume_until)
     return metrics
+
+
+_LOCKS = {}  # directory -> its open lock file: the lock lasts while this process keeps the file open
+
+
+def lock_dir(path, what="run dir"):
+    """Take `path`'s single-writer lock, an OS lock (flock) on path/.lock that ends with this process however it
+    ends (a SIGKILL leaves no stale lock); exit naming the holder's pid and host if another process has it."""
+    if os.path.abspath(path) in _LOCKS:  # this process holds it already (a script's main() run again in-process)
+        return
+    os.makedirs(path, exist_ok=True)
+    f = open(os.path.join(path, ".lock"), "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise SystemExit(f"{what} '{path}' is in use by {holder}: two writers would mix their checkpoints and "
+                         f"metrics; wait for it to end, or choose another directory")
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    f.flush()
+    _LOCKS[os.path.abspath(path)] = f
+
+
+def claim_run_dir(run_dir):
+    """The start of every run that writes `run_dir` (rank 0 only): take its lock, then remove and list what
+    killed or failed saves left behind."""
+    lock_dir(run_dir)
+    removed = remove_unfinished_saves(run_dir)
+    if removed:
+        print(f"removed {len(removed)} leftover(s) of unfinished saves from '{run_dir}': {', '.join(removed)}",
+              flush=True)

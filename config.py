@@ -8,6 +8,7 @@ import argparse
 import ast
 import difflib
 import io
+import math
 import os
 import re
 import sys
@@ -112,7 +113,8 @@ def _scalar(value, tp):
         if isinstance(number, int) or (isinstance(number, float) and number.is_integer()):
             return int(number)
     elif tp is float and isinstance(value, (int, float, str)):
-        return float(value)
+        if math.isfinite(float(value)):  # nan or inf is never a learning rate, a fraction or a temperature
+            return float(value)
     elif tp is str and isinstance(value, (int, float, str)):
         return str(value)  # YAML reads `out_dir: 2024` as an int; a path is still what was meant
     elif tp is dict and isinstance(value, dict):
@@ -248,7 +250,24 @@ def configure(namespace, argv=None, positional=()):
 
 
 def check_at_least(settings, minimum, names):
-    """Refuse any of the upper-case `names` in `settings` (a script's globals) below `minimum`, naming the key."""
+    """Refuse any of the `names` in `settings` (a script's globals, or a dict of lower-case settings) below
+    `minimum`, naming the key."""
     for name in names:
         if settings[name] < minimum:
-            raise ConfigError(f"{name.lower()} = {settings[name]}; expected an int >= {minimum}")
+            kind = "an int" if isinstance(minimum, int) else "a value"
+            raise ConfigError(f"{name.lower()} = {settings[name]}; expected {kind} >= {minimum}")
+
+
+def check_fraction(settings, names):
+    """Refuse any of the `names` in `settings` outside [0, 1] (mixing weights, fractions of a schedule)."""
+    for name in names:
+        values = settings[name] if isinstance(settings[name], (list, tuple)) else [settings[name]]
+        if not all(0 <= v <= 1 for v in values):
+            raise ConfigError(f"{name.lower()} = {settings[name]}; expected value(s) in [0, 1]")
+
+
+def check_positive(settings, names):
+    """Refuse any of the `names` in `settings` that is not > 0 (learning rates, temperatures), naming the key."""
+    for name in names:
+        if not settings[name] > 0:
+            raise ConfigError(f"{name.lower()} = {settings[name]}; expected a value > 0")

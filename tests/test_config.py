@@ -182,3 +182,19 @@ def test_a_literal_setting_takes_each_listed_value_from_yaml_or_cli_and_shows_th
     assert proc.returncode != 0 and "key 'phases in bad.yaml': value 21 is not one of 1, 2, 12" in proc.stderr
     line = next(l for l in run_config_script(tmp_path, "--help").stdout.splitlines() if "--phases" in l)
     assert "1|2|12" in line
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("train.py", ["--lr", "nan"], "key 'lr': expected a float, got 'nan'"),
+    ("train.py", ["--lr", "-1"], "lr = -1.0; expected a value > 0"),
+    ("train.py", ["--weight-decay", "-0.1"], "weight_decay = -0.1; expected a value >= 0.0"),
+    ("train.py", ["--betas", "0.9,1.5"], "betas = (0.9, 1.5); expected value(s) in [0, 1]"),
+    ("distill.py", ["--temperature", "inf"], "key 'temperature': expected a float, got 'inf'"),
+    ("distill.py", ["--lr-layer", "0"], "lr_layer = 0.0; expected a value > 0"),
+    ("distill.py", ["--alpha", "1.5"], "alpha = 1.5; expected value(s) in [0, 1]"),
+    ("distill.py", ["--min-lr-frac", "2"], "min_lr_frac = 2.0; expected value(s) in [0, 1]"),
+])
+def test_a_numeric_setting_out_of_its_range_is_refused_by_name_before_any_work(script, args, message):
+    proc = subprocess.run([sys.executable, f"{REPO}/{script}", *args, "--data-dir", "/nonexistent"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-1500:]

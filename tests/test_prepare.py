@@ -80,7 +80,7 @@ def test_prepare_jsonl_end_to_end(bpe_tokenizer_dir, tmp_path):
         assert manifest["totals"][split]["text_bytes"] == sum(len(d.encode()) for d in found[split])
     assert manifest["source"]["files"][0]["path"] == os.path.abspath(data)
     assert manifest["source_exhausted"] is True
-    assert sorted(os.listdir(out)) == sorted(["manifest.json"] + [s["file"] for s in manifest["shards"]])
+    assert sorted(os.listdir(out)) == sorted([".lock", "manifest.json"] + [s["file"] for s in manifest["shards"]])
 
 
 def test_prepare_parquet_through_datasets_streaming_stops_at_the_byte_budget(bpe_tokenizer_dir, tmp_path):
@@ -122,10 +122,11 @@ def test_rerun_of_a_finished_prepare_does_nothing_and_says_so(bpe_tokenizer_dir,
     data = write_jsonl(tmp_path / "docs.jsonl", english_like_documents(150, seed=8))
     out = str(tmp_path / "out")
     prepare(bpe_tokenizer_dir, data, out, "--shard-tokens", 2000)
-    before = {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)}
+    mtimes = lambda: {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out) if n != ".lock"}
+    before = mtimes()  # every file but the writer lock, which each run takes
     proc = prepare(bpe_tokenizer_dir, data, out, "--shard-tokens", 2000)
     assert "is already prepared" in proc.stdout and "nothing to do" in proc.stdout
-    assert {n: os.stat(os.path.join(out, n)).st_mtime_ns for n in os.listdir(out)} == before
+    assert mtimes() == before
     proc = prepare(bpe_tokenizer_dir, data, out, "--shard-tokens", 3000, check=False)
     assert proc.returncode != 0 and "shard_tokens: 2000 -> 3000" in proc.stderr and "--force" in proc.stderr
     prepare(bpe_tokenizer_dir, data, out, "--shard-tokens", 3000, "--force")

@@ -225,6 +225,22 @@ def test_script_prints_what_generate_draws_with_the_same_seed_from_a_student_che
     assert "tokens/s" in proc.stderr and "decode" in proc.stderr
 
 
+def test_compare_prints_each_models_own_text_under_its_name_from_the_same_seed(tmp_path, tiny_llama_dir,
+                                                                             bpe_tokenizer_dir):
+    config = GPTConfig(vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=16, mlp_hidden=96,
+                       max_seq_len=256, mlp_kind="relu2")
+    torch.manual_seed(1)
+    student = str(tmp_path / "student.pt")
+    save_checkpoint(student, {"model": GPT(config).init_weights(std=0.1).state_dict(), "model_config": asdict(config),
+                              "config": {}, "step": 0, "tokenizer": bpe_tokenizer_dir})
+    args = ["--prompt", "The river", "--max-new-tokens", "24", "--temperature", "0.9", "--seed", "5"]
+    alone = [run_script("sample.py", model, *args).stdout for model in (student, tiny_llama_dir)]
+    both = run_script("sample.py", student, "--compare", tiny_llama_dir, *args)
+    assert both.returncode == 0, both.stderr
+    assert both.stdout == f"========== {student}\n{alone[0]}========== {tiny_llama_dir}\n{alone[1]}"
+    assert alone[0] != alone[1]
+
+
 def test_script_errors_name_the_problem(tmp_path, tiny_llama_dir):
     broken = tmp_path / "step_000010.pt"
     broken.write_bytes(b"not a checkpoint at all")

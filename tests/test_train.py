@@ -169,6 +169,55 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, shards, bp
     assert a["loader"] == b["loader"]
 
 
+def test_resume_after_power_loss_skips_a_torn_mark_drops_a_torn_metrics_line_and_removes_leftovers(
+        tmp_path, shards, bpe_tokenizer_dir, straight_run):
+    straight_dir, config = straight_run
+    run_dir = tmp_path / "torn"
+    shutil.copytree(straight_dir, run_dir)
+    mark = run_dir / "step_000006.json"
+    mark.write_text(mark.read_text()[:40])  # the step-6 mark is not whole JSON: that save did not finish
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 1.2')  # the process died mid-line
+    (run_dir / "step_000009.pt.tmp.4242").write_bytes(b"half a checkpoint")
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", run_dir,
+                 "--resume")
+    assert "removed 2 leftover(s) of unfinished saves" in proc.stdout
+    assert "step_000006.pt" in proc.stdout and "step_000009.pt.tmp.4242" in proc.stdout
+    assert "dropped its torn last line" in proc.stdout and "steps 3 -> 6" in proc.stdout
+    assert not (run_dir / "step_000009.pt.tmp.4242").exists()
+    straight, _ = metrics(straight_dir)
+    resumed, _ = metrics(run_dir)
+    assert sorted(resumed) == list(range(1, 7))
+    for s in (4, 5, 6):
+        assert abs(resumed[s]["loss"] - straight[s]["loss"]) <= 1e-6
+
+
+def test_the_run_draws_its_loss_curves_at_each_eval(straight_run):
+    import plot
+
+    run_dir, _ = straight_run
+    png = os.path.join(run_dir, "loss.png")
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    _, evals = metrics(run_dir)
+    xs, ys = plot.series(run_dir)["val_loss"]
+    assert ys == [evals[s] for s in sorted(evals)] and xs == [s * 4 * 32 * 2 for s in sorted(evals)]
+
+
+def test_a_bad_val_shard_stops_the_run_before_step_0(tmp_path, shards, bpe_tokenizer_dir):
+    data = tmp_path / "data"
+    shutil.copytree(shards, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    val_shard = data / next(s["file"] for s in manifest["shards"] if s["split"] == "val")
+    raw = bytearray(val_shard.read_bytes())
+    raw[:4] = (12345).to_bytes(4, "little")  # not the shard magic
+    val_shard.write_bytes(bytes(raw))
+    config = write_config(tmp_path / "tiny.yaml", eval_every=0)  # the only eval would be the final one
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", data, "--run-dir",
+                 tmp_path / "run", check=False)
+    assert proc.returncode != 0 and val_shard.name in proc.stderr and "magic" in proc.stderr, proc.stderr[-2000:]
+    assert "step 1 " not in proc.stdout and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_eval_only_gives_the_same_val_loss_for_one_and_two_processes(straight_run, shards):
     run_dir, _ = straight_run
     one = eval_only(run_dir, shards)
@@ -186,7 +235,8 @@ def test_eval_only_gives_the_same_val_loss_for_one_and_two_processes(straight_ru
 def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint_latest(tmp_path, shards, bpe_tokenizer_dir,
                                                                               straight_run, checkpoint_every,
                                                                               message):
-    """An infinite LR wrecks the weights in one step: the run stops before a NaN model is saved or stepped."""
+    """An LR beyond float32's range (1e39: inf in the optimizer's fp32 arithmetic, while `--lr inf` itself is
+    refused) wrecks the weights in one step: the run stops before a NaN model is saved or stepped."""
     import checkpoints
     from hf_interop import load_model
 
@@ -194,7 +244,7 @@ def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint_latest(tmp
     run_dir = tmp_path / "diverged"
     shutil.copytree(straight_dir, run_dir)
     proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", run_dir,
-                 "--resume", "--max-steps", 12, "--lr", "inf", "--checkpoint-every", checkpoint_every, check=False)
+                 "--resume", "--max-steps", 12, "--lr", "1e39", "--checkpoint-every", checkpoint_every, check=False)
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-2000:]
     assert f"latest good checkpoint is {run_dir / 'step_000006.pt'}" in proc.stderr
@@ -222,7 +272,7 @@ def test_shards_of_another_tokenizer_are_refused_before_step_0(tmp_path, shards,
     assert proc.returncode != 0
     assert "shards were made with tokenizer" in proc.stderr and str(other_dir) in proc.stderr
     assert "tokens per step" not in proc.stdout
-    assert not os.path.exists(tmp_path / "run")
+    assert not os.path.exists(tmp_path / "run") or os.listdir(tmp_path / "run") == [".lock"]  # nothing written
 
 
 def test_token_ids_beyond_the_model_vocab_are_refused_before_step_0(tmp_path, shards, bpe_tokenizer_dir):
@@ -238,7 +288,7 @@ def test_token_ids_beyond_the_model_vocab_are_refused_before_step_0(tmp_path, sh
                  "--run-dir", tmp_path / "run", check=False)
     assert proc.returncode != 0 and "(train split) holds token id 600" in proc.stderr
     assert "tokens per step" not in proc.stdout
-    assert not os.path.exists(tmp_path / "run")
+    assert not os.path.exists(tmp_path / "run") or os.listdir(tmp_path / "run") == [".lock"]  # nothing written
 
 
 def test_continue_an_hf_model_then_restart_the_schedule_from_its_checkpoint(tmp_path, shards, tiny_llama_dir):
@@ -272,14 +322,14 @@ def test_a_run_dir_with_checkpoints_is_not_overwritten_without_resume(tmp_path, 
 def train_constants():
     """train.py's UPPER_CASE defaults, executed on their own (without running the script)."""
     import ast
-    from typing import Optional
+    from typing import Literal, Optional
 
     path = os.path.join(REPO, "train.py")
     tree = ast.parse(open(path).read())
     body = [node for node in tree.body if isinstance(node, (ast.Assign, ast.AnnAssign))
             and all(isinstance(t, ast.Name) and t.id.isupper()
                     for t in (node.targets if isinstance(node, ast.Assign) else [node.target]))]
-    namespace = {"Optional": Optional, "__file__": path}
+    namespace = {"Optional": Optional, "Literal": Literal, "__file__": path}
     exec(compile(ast.Module(body=body, type_ignores=[]), path, "exec"), namespace)
     return namespace
 
