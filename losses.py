@@ -81,6 +81,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                     if need_grad:
                         (kd_grad,) = torch.autograd.grad(kd, student_logits)
                 sums[1] += kd.detach()
+                del teacher_logits, student_logits, kd  # each a chunk of vocab-wide rows: freed before g is built
             if not need_grad:
                 continue
             # d(mean loss)/d logits: (1 - alpha) (softmax - onehot) on valid rows, plus alpha * dKD, over n_valid
@@ -88,8 +89,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
             g[torch.arange(len(t), device=t.device), safe_t] -= 1.0
             g *= ((1 - alpha) * ok.float())[:, None]
             if kd_grad is not None:
-                g += alpha * kd_grad
-            g = (g / n_valid).to(weight.dtype)
+                g.add_(kd_grad, alpha=alpha)  # in place, as below: no second chunk-sized temporary
+                del kd_grad
+            g = g.div_(n_valid).to(weight.dtype)
             if need_hidden_grad:
                 grad_hidden[rows] = (g @ weight.to(g.dtype)).to(hidden.dtype)
             if need_weight_grad:
