@@ -155,7 +155,11 @@ def fetch_model(model, model_dir):
 
         folder, name = os.path.split(os.path.abspath(model))
         tmp = f"{model_dir}.tmp.{os.getpid()}"
-        dequantised_gguf(model).save_pretrained(tmp)  # plain fp32 weights
+        try:
+            hf_model = dequantised_gguf(model)
+        except (ValueError, OSError, KeyError) as e:  # a .gguf name on something transformers cannot read
+            raise PrepareError(f"--model: '{model}' could not be read as a GGUF model: {e}")
+        hf_model.save_pretrained(tmp)  # plain fp32 weights
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
         write_json({"source": model, "kind": "gguf", "created": now()}, os.path.join(tmp, "prepare_source.json"))
         if os.path.exists(model_dir):
@@ -718,10 +722,10 @@ if __name__ == "__main__":
                     progress["position"] = resume_position(before, first_doc, doc, text, done, len(doc_tokens))
                     save_progress(OUT_DIR, progress, writers)
     except KeyboardInterrupt:
-        pool.terminate()
         raise PrepareError(f"interrupted; {len(progress['shards'])} completed shards are kept in '{OUT_DIR}': "
                            f"rerun the same command to continue")
-    pool.terminate()
+    finally:  # on any error too: a pool left to the garbage collector prints noise after the message
+        pool.terminate()
     bar.close()
     ran_out = not all(w.full() for w in writers)  # the loop ends early only when the source does
 

@@ -121,3 +121,12 @@ def test_a_full_disk_during_a_save_names_the_file_and_sizes_and_keeps_the_earlie
     assert "of about 3.8 MiB" in proc.stderr and "the earlier checkpoints are intact" in proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["step_000001.json", "step_000001.pt"]  # no temp file left
     assert checkpoints.load_checkpoint(str(tmp_path / "step_000001.pt"))["step"] == 1
+
+
+def test_a_gguf_name_on_an_unreadable_body_is_refused_in_one_line(tmp_path):
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(64))  # the magic, then nothing
+    (tmp_path / "t.txt").write_text("some text\n")
+    proc = run_script("prepare.py", "--model", tmp_path / "bad.gguf", "--model-dir", tmp_path / "m", "--dataset",
+                      tmp_path / "t.txt", "--out-dir", tmp_path / "out", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"--model: '{tmp_path / 'bad.gguf'}' could not be read as a GGUF model" in proc.stderr
