@@ -174,8 +174,9 @@ def furthest_phase1_state(run_dir):
     whichever is later by (rotation, position in LAYERS, step). None if there is neither."""
     found = []
     for path in (os.path.join(run_dir, "phase1_state.pt"), newest_checkpoint(run_dir, "layer_")):
-        if path is not None and is_complete(path):
-            p = checkpoint_meta(path)["progress"]
+        meta = checkpoint_meta(path) if path is not None and os.path.exists(path) else None
+        if meta is not None:  # complete: the .pt and a whole .json mark
+            p = meta["progress"]
             found.append(((p["rotation"], p["position"], p["step"]), path))
     return max(found)[1] if found else None
 

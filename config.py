@@ -1,8 +1,9 @@
 """The settings layer. A script's settings are its annotated UPPER_CASE module constants, each with a one-line
 comment (`BATCH_SIZE: int = 8  # sequences per batch`); a `Literal[...]` annotation lists the allowed values; a
-plain constant without an annotation is fixed by the code. `configure(globals())` applies `--config file.yaml` and command-line overrides through argparse, coerces
-each value to the annotated type, writes the effective values back into the namespace, and returns them as a
-plain dict (lower-case keys) to be saved with runs and checkpoints.
+plain constant without an annotation is fixed by the code. `configure(globals())` applies `--config file.yaml`
+and command-line overrides through argparse, coerces each value to the annotated type, writes the effective
+values back into the namespace, and returns them as a plain dict (lower-case keys) to be saved with runs and
+checkpoints.
 """
 import argparse
 import ast
