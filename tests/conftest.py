@@ -169,3 +169,14 @@ def write_token_dataset(path, tokenizer_dir, n_docs=300, seed=3, val_tokens=2000
     with open(os.path.join(path, "manifest.json"), "w") as f:
         json.dump(manifest, f)
     return str(path)
+
+
+# distill.py end to end: a tiny random HF Llama teacher (3 layers, hidden 64) and shards of its tokenizer
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, bpe_tokenizer_dir):
+    return make_tiny_llama(tmp_path_factory.mktemp("teacher"), bpe_tokenizer_dir, seed=3)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, bpe_tokenizer_dir):
+    return write_token_dataset(tmp_path_factory.mktemp("shards"), bpe_tokenizer_dir, n_docs=340, val_tokens=4000)

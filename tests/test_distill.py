@@ -227,16 +227,6 @@ def test_the_shipped_configs_are_valid_for_distill(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # distill.py end to end, on a tiny random Llama teacher and tiny shards
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, bpe_tokenizer_dir):
-    return make_tiny_llama(tmp_path_factory.mktemp("teacher"), bpe_tokenizer_dir, seed=3)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, bpe_tokenizer_dir):
-    return write_token_dataset(tmp_path_factory.mktemp("shards"), bpe_tokenizer_dir, n_docs=340, val_tokens=4000)
-
-
 def records(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
