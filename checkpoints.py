@@ -106,12 +106,18 @@ def load_checkpoint(path, map_location="cpu"):
         raise ValueError(f"checkpoint '{path}' has no 'model'/'model_config' entries; "
                          f"expected a checkpoint written by train.py or distill.py")
     # the runs never save non-finite weights, so these were damaged after the save: refused, never resumed from
-    broken = [name for name, t in checkpoint["model"].items() if t.is_floating_point() and not t.isfinite().all()]
-    if broken:
-        raise ValueError(f"checkpoint '{path}' holds NaN/inf weights in {', '.join(broken[:3])}"
-                         f"{f' and {len(broken) - 3} more tensors' if len(broken) > 3 else ''}; it was damaged "
-                         f"after it was saved: use an earlier checkpoint")
+    refuse_non_finite(checkpoint["model"], f"checkpoint '{path}'", "it was damaged after it was saved: use an "
+                                                                    "earlier checkpoint")
     return checkpoint
+
+
+def refuse_non_finite(state, what, advice):
+    """Raise a ValueError naming the tensors of `state` (name -> tensor) that hold NaN/inf, if any: weights like
+    that only give a NaN error deep inside sampling or training."""
+    broken = [name for name, t in state.items() if t.is_floating_point() and not t.isfinite().all()]
+    if broken:
+        raise ValueError(f"{what} holds NaN/inf weights in {', '.join(broken[:3])}"
+                         f"{f' and {len(broken) - 3} more tensors' if len(broken) > 3 else ''}; {advice}")
 
 
 def checkpoint_meta(path):

@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-from checkpoints import checkpoint_meta, is_complete, load_checkpoint, newest_checkpoint
+from checkpoints import checkpoint_meta, is_complete, load_checkpoint, newest_checkpoint, refuse_non_finite
 from model import GPT, GPTConfig
 
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -76,6 +76,7 @@ def from_pretrained(path):
         with open(config_path, encoding="utf-8") as f:
             config = json.load(f)
         state = load_safetensors_dir(path)
+    refuse_non_finite(state, f"model '{path}'", "its weights are damaged: download or convert it again")
     gpt_config = config_from_hf(config, source=path)
     model = GPT(gpt_config)
     model.load_state_dict(state_from_hf(state, gpt_config, source=path))

@@ -702,13 +702,13 @@ if __name__ == "__main__":
     # tokenize: the main process reads documents in order and fills the shards, the workers tokenize
     resume = progress["position"]  # where the interrupted run's last checkpoint was (the start when fresh)
     pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(tokenizer_json,))
-    batches = read_batches(source, resume["source_state"], resume["batch_first_doc"])
-    first_batch = next(batches, None)  # opens the source (while the workers start): set-up, not throughput
-    batches = itertools.chain([first_batch] if first_batch is not None else [], batches)
-    bar = tqdm(total=TRAIN_BYTES + VAL_BYTES, initial=done_bytes, unit="B", unit_scale=True, desc="tokenizing",
-               smoothing=0.05)
-    start_time, documents_seen = time.time(), resume["doc"]
     try:
+        batches = read_batches(source, resume["source_state"], resume["batch_first_doc"])
+        first_batch = next(batches, None)  # opens the source (while the workers start): set-up, not throughput
+        batches = itertools.chain([first_batch] if first_batch is not None else [], batches)
+        bar = tqdm(total=TRAIN_BYTES + VAL_BYTES, initial=done_bytes, unit="B", unit_scale=True,
+                   desc="tokenizing", smoothing=0.05)
+        start_time, documents_seen = time.time(), resume["doc"]
         for before, first_doc, texts, (splits, text_bytes, counts, tokens) in tokenize_in_order(
                 pool, batches, writers, resume["doc"], tokenizer_info["separator_id"], in_flight=2 * workers + 2):
             documents_seen = first_doc + len(texts)

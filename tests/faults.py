@@ -1,5 +1,5 @@
 """Test-only fault injection: run one of the repo's scripts exactly as `python SCRIPT ARGS` would, and kill or
-poison it at a named point. The scripts have no branches for this; the hooks wrap os and torch from outside.
+poison it at a named point. The scripts have no branches for this; the hooks wrap os functions and model.py's forwards from outside.
 
     python tests/faults.py FAULT SCRIPT [ARGS...]
 
@@ -10,7 +10,9 @@ FAULT is KIND:PATTERN@N (PATTERN a regex on a file's base name, N the 1-based co
     after_rename:PATTERN@N  the Nth rename onto a matching name happens, then SIGKILL (e.g. a checkpoint's .pt is
                             in place but its .json mark is not)
     after_remove:PATTERN@N  the Nth removal of a matching file happens, then SIGKILL (e.g. mid-prune)
-    nan_forward@N           the Nth forward of GPT with gradients on returns NaN hidden states (a diverged step)
+    nan_forward:CLASS@N     the Nth forward with gradients on of model.py's CLASS (default GPT) returns NaN (a
+                            diverged step; e.g. nan_forward:PlainMLP for distill's phase 1)
+    kill_eval:CLASS@N       the Nth forward with gradients off (an eval batch) SIGKILLs the process
 """
 import os
 import re
@@ -22,11 +24,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_fault(spec):
-    match = re.fullmatch(r"(torn_temp|after_rename|after_remove|nan_forward)(?::(.+?))?(?:@(\d+))?", spec)
+    match = re.fullmatch(r"(torn_temp|after_rename|after_remove|nan_forward|kill_eval)(?::(.+?))?(?:@(\d+))?", spec)
     if match is None:
         raise SystemExit(f"faults.py: cannot read fault {spec!r}; expected KIND:PATTERN@N (see the docstring)")
     kind, pattern, count = match.groups()
-    return kind, re.compile(pattern or ".*"), int(count or 1)
+    return kind, pattern, int(count or 1)
 
 
 def die():
@@ -38,7 +40,7 @@ def install(kind, pattern, count):
     seen = [0]
 
     def due(path):
-        if not pattern.search(os.path.basename(str(path))):
+        if not re.search(pattern or ".*", os.path.basename(str(path))):
             return False
         seen[0] += 1
         return seen[0] == count
@@ -68,19 +70,21 @@ def install(kind, pattern, count):
     else:
         import torch
 
-        from model import GPT
+        import model
 
-        real_forward = GPT.forward
+        module = getattr(model, pattern or "GPT")
+        real_forward = module.forward
 
         def forward(self, *args, **kwargs):
-            out = real_forward(self, *args, **kwargs)
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() == (kind == "nan_forward"):
                 seen[0] += 1
                 if seen[0] == count:
-                    return out * float("nan")
-            return out
+                    if kind == "kill_eval":
+                        die()
+                    return real_forward(self, *args, **kwargs) * float("nan")
+            return real_forward(self, *args, **kwargs)
 
-        GPT.forward = forward
+        module.forward = forward
 
 
 if __name__ == "__main__":

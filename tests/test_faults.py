@@ -127,6 +127,15 @@ def test_train_with_a_nan_step_stops_naming_the_last_good_checkpoint_then_resume
     assert losses(run_dir) == losses(straight)
 
 
+def test_train_killed_in_its_final_eval_has_already_saved_the_last_step(tmp_path, train_setup):
+    base, straight = train_setup
+    run_dir = tmp_path / "run"
+    # evals at steps 0, 3, 6 and 9, of 3 batches each: the 10th eval forward is the final eval's first
+    killed(run("train.py", *base, "--run-dir", run_dir, fault="kill_eval@10"))
+    same_weights(straight / "step_000009.pt", run_dir / "step_000009.pt")
+    assert os.path.exists(run_dir / "step_000009.json")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # distill.py (phase 1 then phase 2 in one run)
 
@@ -154,6 +163,22 @@ def test_distill_killed_at_a_save_resumes_to_the_uninterrupted_run(tmp_path, dis
         same_weights(straight / name, run_dir / name)
     assert losses(run_dir) == losses(straight)
     assert leftovers(run_dir) == []
+
+
+@pytest.mark.parametrize("fault,latest", [
+    ("nan_forward:PlainMLP@7", "phase1_state.pt"),  # phase 1: layer 2, step 3 (its rolling state is at step 2)
+    ("nan_forward:GPT@3", "step_000002.pt"),  # phase 2, step 3
+])
+def test_distill_with_a_nan_step_stops_naming_the_last_good_state_then_resumes_exactly(tmp_path, distill_straight,
+                                                                                         fault, latest):
+    base, straight = distill_straight
+    run_dir = tmp_path / "run"
+    proc = run("distill.py", *base, "--run-dir", run_dir, fault=fault)
+    assert proc.returncode == 1 and "non-finite loss nan" in proc.stderr, proc.stderr[-3000:]
+    assert "the latest good checkpoint is" in proc.stderr and latest in proc.stderr
+    ok(run("distill.py", *base, "--run-dir", run_dir, "--resume"))
+    same_weights(straight / "step_000006.pt", run_dir / "step_000006.pt")
+    assert losses(run_dir) == losses(straight)
 
 
 # ----------------------------------------------------------------------------------------------------------

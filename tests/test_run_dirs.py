@@ -1,11 +1,11 @@
 """One writer per run dir (and per prepare.py out dir): an OS lock that a second writer is refused by, naming the
-holder, and that dies with its process."""
+holder, and that dies with its process; and damaged or torn files met on the way, each refused or handled by name."""
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-
-import json
 
 import pytest
 
@@ -92,6 +92,19 @@ def test_a_checkpoint_with_nan_weights_is_refused_naming_the_tensor(tmp_path):
     checkpoints.save_checkpoint(path, {"model": weights, "model_config": {}, "step": 1})
     with pytest.raises(ValueError, match=r"holds NaN/inf weights in blocks.0.mlp.down.weight.*earlier checkpoint"):
         checkpoints.load_checkpoint(path)
+
+
+def test_an_hf_model_dir_with_nan_weights_is_refused_naming_the_tensor(tmp_path, tiny_llama_dir):
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_llama_dir, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    proc = run_script("sample.py", damaged, "--prompt", "The", "--max-new-tokens", 2, "--device", "cpu", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"model '{damaged}' holds NaN/inf weights in model.layers.1.mlp.down_proj.weight" in proc.stderr
 
 
 def test_a_prompt_file_that_is_not_utf8_is_named(tmp_path):
