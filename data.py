@@ -161,6 +161,7 @@ class TokenLoader:
                              f"window of batch_size * seq_len + 1 = {batch_size * seq_len + 1}")
         self._shards = {}  # shard index -> memmap; opened, and vocab-checked, on first use
         self.position = 0  # stream offset where the ranks' next round of windows starts
+        self.last_start = None  # the stream offset of the window next_batch returned last
 
     @property
     def epoch(self):
@@ -169,7 +170,8 @@ class TokenLoader:
 
     def next_batch(self):
         window = self.batch_size * self.seq_len
-        batch = self.window_at(self.position + self.rank * window)
+        self.last_start = self.position + self.rank * window
+        batch = self.window_at(self.last_start)
         self.position += self.world_size * window
         return batch
 

@@ -39,8 +39,9 @@ from tqdm import tqdm
 import checkpoints
 import losses
 import plot
+import teacher_cache
 from config import ConfigError, check_at_least, check_fraction, check_positive, configure
-from data import TokenLoader, check_data_matches_tokenizer, val_batches
+from data import TokenLoader, check_data_matches_tokenizer, read_manifest, val_batches
 from hf_interop import (llama_incompatible_layers, load_model, load_tokenizer, model_width, save_pretrained,
                         tokenizer_source)
 from layer_cache import LayerCache, batch_index, check_cache_fits, layer_loss, trainable_part
@@ -58,7 +59,7 @@ INIT_FROM: Optional[str] = None  # start the student from this checkpoint of our
 DATA_DIR: str = "data/fineweb_edu"  # shards + manifest.json from prepare.py, made with the teacher's tokenizer
 RUN_DIR: str = "runs/distill"  # holds config.json, metrics.jsonl, tokenizer/, layer_XXX.pt, final.pt, step_XXXXXX.pt
 RESUME: bool = False  # continue RUN_DIR exactly from its furthest saved state (phase 1 or 2)
-PHASES: Literal["1", "2", "12"] = "12"  # which phases run: "1" (layer-wise), "2" (logit distillation) or "12" (both, in order)
+PHASES: Literal["1", "2", "12", "cache"] = "12"  # which phases run: "1" (layer-wise), "2" (logit distillation), "12" (both, in order), or "cache" (only write TEACHER_CACHE)
 # the student (ignored when the student comes from a checkpoint: then its own architecture is used)
 MLP_KIND: Literal[*MLP_KINDS, "keep"] = "relu2"  # MLP of the replaced layers: relu2 | gelu | silu | swiglu, or keep (the teacher's MLP)
 MLP_HIDDEN: Optional[int] = None  # width of the new MLPs; None = half the teacher's, rounded down to a multiple of 8
@@ -93,6 +94,12 @@ WARMUP_STEPS: int = 100  # phase-2 linear warmup
 LR_SCHEDULE: Literal["trapezoid", "cosine", "constant"] = "cosine"  # trapezoid, cosine or constant (both phases)
 COOLDOWN_FRAC: float = 0.2  # trapezoid: the last COOLDOWN_FRAC of each layer's steps (phase 1) and of phase 2 decay linearly
 GRAD_ACCUM: int = 1  # phase-2 micro-batches per optimizer step
+# the teacher cache (teacher_cache.py): its top-k per token written once, then read by phase 2 instead of a teacher
+TEACHER_CACHE: Optional[str] = None  # cache dir: --phases cache writes it; phase 2 then reads it and runs no teacher
+CACHE_K: int = 32  # writing: ids kept per token, the rest is one tail bucket (why 32: README)
+CACHE_DTYPE: Literal["float16", "bfloat16", "float32"] = "float16"  # writing: storage of the log-probabilities
+CACHE_FROM: Optional[int] = None  # writing: first train stream offset cached; None = where phase 2 starts after phase 1
+CACHE_SHARD_TOKENS: int = 1_048_576  # writing: tokens per cache shard (rounded down to whole windows)
 CHECKPOINT_EVERY: int = 250  # phase 2: evaluate and save step_XXXXXX.pt every N steps and at the end (0 = only at the end)
 KEEP_CHECKPOINTS: int = 3  # keep the newest K layer_XXX.pt and K step_XXXXXX.pt (0 = keep all)
 # both phases
@@ -113,6 +120,7 @@ EXPORT_HF: bool = False  # at the end, export the student to RUN_DIR/hf as a Hug
 # Settings a phase-1 resume may change: they do not touch the cached batches, the schedule or the weights.
 # Everything else must match the saved config, or the resumed run could not end where an uninterrupted one would.
 PHASE1_RESUMABLE_CHANGES = ("resume", "run_dir", "log_every", "keep_checkpoints", "export_hf", "phases", "plot",
+                             "teacher_cache", "cache_k", "cache_dtype", "cache_from", "cache_shard_tokens",
                              "cache_device", "eval_every_layers",  # where the cache lives, when evals run
                              "alpha", "temperature", "top_k", "train_params", "max_steps", "lr", "warmup_steps",
                              "grad_accum", "checkpoint_every")  # phase 2 only
@@ -130,6 +138,8 @@ class Run:
     teacher: Optional[torch.nn.Module]  # None for a CE-only phase 2 whose student already exists
     student: torch.nn.Module
     teacher_val: Optional[list] = None  # the teacher's final hidden states of the val windows, computed once
+    cache: Optional[teacher_cache.TeacherCache] = None  # phase 2's teacher, read from disk (TEACHER_CACHE)
+    cache_val: Optional[list] = None  # the cache's (ids, values) of this rank's val windows
     evals: list = dataclasses.field(default_factory=list)  # this process's end-to-end evals, in order
 
 
@@ -145,6 +155,10 @@ def main(argv=None):
         raise ConfigError("dtype = float16 needs loss scaling, which distill.py does not do; use bfloat16")
     ctx = autocast(env.device_type, dtype)
     torch.manual_seed(s.seed)
+    if s.phases == "cache":
+        write_teacher_cache(s, env, ctx)
+        shutdown(env)
+        return
 
     # ---- Where this run starts: a phase-2 step, a phase-1 state, phase 1's final.pt, INIT_FROM or the teacher
     if env.is_master:  # one writer per run dir; under torchrun rank 0 writes for all
@@ -157,13 +171,15 @@ def main(argv=None):
 
     # ---- The teacher (not loaded at all for a CE-only phase 2 whose student already exists), its tokenizer
     teacher = teacher_checkpoint = None
-    if start.run1 or (start.run2 and s.alpha > 0) or start.path is None:
+    if start.run1 or (start.run2 and s.alpha > 0 and not s.teacher_cache) or start.path is None:
         teacher, teacher_checkpoint = load_model(s.teacher)
         teacher.to(env.device).eval().requires_grad_(False)
         if start.run1 and width is None:  # a hub id or .gguf: its width is known only now
             check_cache_fits(s, teacher.config.n_embd, cache_device, env)
-    tokenizer_src = tokenizer_source(s.teacher, teacher_checkpoint)
+    tokenizer_src = tokenizer_source(s.teacher, teacher_checkpoint) if teacher is not None else \
+        tokenizer_source(start.path, checkpoints.checkpoint_meta(start.path))  # TEACHER may not exist here
     tokenizer = load_tokenizer(tokenizer_src)
+    cache = open_teacher_cache(s, teacher) if start.run2 and s.teacher_cache else None
 
     # ---- The student, and what can be refused now that its architecture is known
     student, start_checkpoint, new_mlps = load_student(s, start.path, teacher)
@@ -182,7 +198,7 @@ def main(argv=None):
             if start_checkpoint is not None and s.resume else None
         metrics = checkpoints.start_run_dir(s.run_dir, {**config, "world_size": env.world_size, "student_config":
                                                         dataclasses.asdict(student.config)}, tokenizer, resumed)
-    run = Run(s, config, env, ctx, metrics, tokenizer_src, teacher, student)
+    run = Run(s, config, env, ctx, metrics, tokenizer_src, teacher, student, cache=cache)
     if teacher is not None:  # the teacher's side of every eval, computed once
         run.teacher_val = losses.teacher_val_hidden(teacher, val_windows(run), ctx)
 
@@ -193,6 +209,9 @@ def main(argv=None):
     if start.run1:
         loader_state = run_phase1(run, layers, start_checkpoint if start.phase1_path else None, start.phase1_path)
     if start.run2:
+        if cache is not None:  # phase 2 reads the teacher from disk: the live one (if phase 1 needed it) goes
+            run.teacher = run.teacher_val = None
+            run.cache_val = cache_val_entries(run)
         run_phase2(run, start_checkpoint if start.phase2_path else None, start.phase2_path, loader_state)
 
     if s.export_hf and env.is_master:
@@ -218,6 +237,10 @@ def check_settings(s):
     """Settings that can be refused before anything is loaded."""
     check_at_least(vars(s), 1, ("rotations", "steps_per_layer", "num_batches", "max_steps", "grad_accum",
                                 "batch_size", "seq_len", "eval_tokens", "loss_chunk", "log_every"))
+    check_at_least(vars(s), 1, ("cache_k", "cache_shard_tokens"))
+    if s.cache_from is not None and (s.cache_from < 0 or s.cache_from % s.seq_len):
+        raise ConfigError(f"cache_from = {s.cache_from}; expected a stream offset >= 0 that is a multiple of seq_len "
+                          f"({s.seq_len}): TokenLoader's rows start there")
     check_at_least(vars(s), 0, ("top_k", "warmup_layer", "warmup_steps", "checkpoint_every",
                                 "checkpoint_every_layer", "keep_checkpoints", "eval_every_layers"))
     check_at_least(vars(s), 0.0, ("weight_decay", "grad_clip", "cosine_weight"))
@@ -275,7 +298,9 @@ def evaluate_student(run, where, phase, step, **record):
     written to metrics.jsonl with `record` and the seconds it took, and drawn into RUN_DIR/loss.png (PLOT)."""
     t0 = time.perf_counter()
     result = losses.evaluate(run.student, val_windows(run), run.env, run.ctx, chunk_rows=run.s.loss_chunk,
-                             teacher=run.teacher, teacher_hidden=run.teacher_val)
+                             teacher=run.teacher, teacher_hidden=run.teacher_val, teacher_entries=run.cache_val)
+    if run.cache_val is not None:  # not the full-vocabulary KL of the other evals: said in the log and metrics
+        result["kl_kind"] = f"top-{run.cache.k} + tail, from the teacher cache"
     result["eval_seconds"] = time.perf_counter() - t0
     say(losses.eval_line(where, result))
     run.evals.append(result)
@@ -291,7 +316,8 @@ def summarize(run, seconds):
         return
     first, last = run.evals[0], run.evals[-1]
     change = lambda key, fmt: f"{format(first[key], fmt)} -> {format(last[key], fmt)}"
-    teacher = f"{run.teacher.num_params() / 1e6:.1f}M params" if run.teacher is not None else "not loaded"
+    teacher = f"{run.teacher.num_params() / 1e6:.1f}M params" if run.teacher is not None else \
+        f"cache {run.s.teacher_cache}" if run.cache is not None else "not loaded"
     say(f"summary: teacher {teacher}, student {run.student.num_params() / 1e6:.1f}M | student val CE "
         f"{change('val_ce', '.3f')}" + (f" (teacher {last['teacher_ce']:.3f}) | KL {change('kl', '.3f')} | top-1 "
                                         f"agreement {change('top1_agree', '.1%')}" if "kl" in last else "")
@@ -474,6 +500,10 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
         evaluate_student(run, "phase 2 start (undistilled student)", 2, 0)
     model = DDP(student, device_ids=[env.local_rank] if env.device_type == "cuda" else None) if env.ddp else student
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * env.world_size
+    if run.cache is not None and s.alpha > 0:  # refused now, not at the step that would read past it
+        end = loader.position + (s.max_steps - step) * tokens_per_step
+        run.cache.check_covers("train", loader.position, end, f"; write one for this phase 2 with --phases cache "
+                               f"and the same settings (--cache-from {loader.position})")
     say(f"phase 2: steps {step} -> {s.max_steps} | alpha {s.alpha} | T {s.temperature} | "
         f"{'top-' + str(s.top_k) if s.top_k else 'full-vocab'} KL | trainable {s.train_params} "
         f"({sum(p.numel() for p in params) / 1e6:.2f}M) | {tokens_per_step:,} tokens/step")
@@ -487,7 +517,7 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
         sums = torch.zeros(3, device=env.device)  # loss, CE, KD
         for x, y, sync in micro_batches(model, loader, s.grad_accum, env):
             with sync:
-                loss, ce, kd = phase2_loss(run, model, x, y)
+                loss, ce, kd = phase2_loss(run, model, x, y, loader.last_start)
                 (loss / s.grad_accum).backward()
             sums += torch.stack([loss.detach(), ce, kd]) / s.grad_accum
         (loss, ce, kd), norm = guarded_step(optimizer, sums, env, s.grad_clip, s.run_dir, step)
@@ -511,18 +541,78 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
     bar.close()
 
 
-def phase2_loss(run, model, x, y):
-    """(loss, ce, kd) of one micro-batch: the student's hidden states through `model` (DDP-wrapped or not),
-    the teacher's without grad, both heads applied a chunk of tokens at a time."""
+def phase2_loss(run, model, x, y, offset):
+    """(loss, ce, kd) of one micro-batch (the window at train stream `offset`): the student's hidden states
+    through `model` (DDP-wrapped or not), the teacher's without grad or its cached entries, both heads applied a
+    chunk of tokens at a time."""
     s = run.s
+    teacher = entries = None
+    if s.alpha > 0 and run.cache is not None:
+        entries = teacher_cache.narrow_entries(*run.cache.entries("train", offset, x.numel(), run.env.device),
+                                               s.top_k or run.cache.k)
     with run.ctx:
         hidden = model(x).flatten(0, 1)
-        teacher = None
-        if s.alpha > 0:
+        if s.alpha > 0 and run.cache is None:
             with torch.no_grad():
                 teacher = (run.teacher(x).flatten(0, 1), run.teacher.lm_head.weight)
-        return losses.head_loss(hidden, run.student.lm_head.weight, y.reshape(-1), teacher=teacher, alpha=s.alpha,
-                                temperature=s.temperature, top_k=s.top_k, chunk_rows=s.loss_chunk)
+        return losses.head_loss(hidden, run.student.lm_head.weight, y.reshape(-1), teacher=teacher,
+                                teacher_entries=entries, alpha=s.alpha, temperature=s.temperature, top_k=s.top_k,
+                                chunk_rows=s.loss_chunk)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The teacher cache: written once by --phases cache, read by phase 2
+
+def write_teacher_cache(s, env, ctx):
+    """--phases cache: the teacher's top-k entries over the train windows phase 2 will read and the val windows
+    every eval reads, into TEACHER_CACHE (teacher_cache.py). No run dir, no student."""
+    if not s.teacher_cache:
+        raise ConfigError("phases = cache writes the teacher cache: give --teacher-cache DIR")
+    t0 = time.perf_counter()
+    teacher, teacher_checkpoint = load_model(s.teacher)
+    teacher.to(env.device).eval().requires_grad_(False)
+    check_data_matches_tokenizer(s.data_dir, load_tokenizer(tokenizer_source(s.teacher, teacher_checkpoint)),
+                                 teacher.config.vocab_size)
+    window = s.batch_size * s.seq_len
+    start = s.cache_from if s.cache_from is not None else s.rotations * s.num_batches * window * env.world_size
+    ranges = {"train": (start, start + s.max_steps * s.grad_accum * window * env.world_size),
+              "val": (0, n_val_windows(s) * window)}
+    say(f"teacher cache {s.teacher_cache}: top-{s.cache_k} in {s.cache_dtype} of {s.teacher} over train offsets "
+        f"[{ranges['train'][0]:,}, {ranges['train'][1]:,}) and val [0, {ranges['val'][1]:,})")
+    t1 = time.perf_counter()
+    teacher_cache.write_cache(s.teacher_cache, teacher, s.teacher, ranges, s, env, ctx)
+    tokens, seconds = sum(b - a for a, b in ranges.values()), time.perf_counter() - t1
+    say(f"teacher cache written: {tokens:,} tokens in {seconds:.1f}s ({tokens / seconds:,.0f} tok/s; "
+        f"{t1 - t0:.1f}s loading before): {s.teacher_cache}")
+
+
+def n_val_windows(s):
+    """How many val windows every eval reads (data.val_batches cuts them the same way)."""
+    total = sum(r["ntok"] for r in read_manifest(s.data_dir)["shards"] if r["split"] == "val")
+    return (min(s.eval_tokens, total) - 1) // (s.batch_size * s.seq_len)
+
+
+def open_teacher_cache(s, teacher):
+    """TEACHER_CACHE, checked against this run before anything trains: data, SEQ_LEN, teacher (and its weights
+    when this run loads it anyway), TOP_K within the cached k, the val windows covered."""
+    cache = teacher_cache.TeacherCache(s.teacher_cache)
+    cache.check_matches(data_dir=s.data_dir, seq_len=s.seq_len, teacher_source=s.teacher, teacher=teacher)
+    if s.top_k > cache.k:
+        raise ConfigError(f"top_k = {s.top_k}, but teacher cache '{s.teacher_cache}' holds only the top "
+                          f"{cache.k} ids per token; use top_k <= {cache.k} (0 = all {cache.k})")
+    cache.check_covers("val", 0, n_val_windows(s) * s.batch_size * s.seq_len, " (eval_tokens or batch_size differ "
+                       "from the settings the cache was written with)")
+    say(f"teacher cache {s.teacher_cache}: top-{cache.k} {cache.manifest['value_dtype']} entries of "
+        f"{cache.manifest['teacher']['source']}; phase 2 runs no teacher")
+    return cache
+
+
+def cache_val_entries(run):
+    """The cache's entries of this rank's val windows, on the device (data.val_batches' windows r, r+W, ...)."""
+    s, env = run.s, run.env
+    window = s.batch_size * s.seq_len
+    return [run.cache.entries("val", w * window, window, env.device)
+            for w in range(env.rank, n_val_windows(s), env.world_size)]
 
 
 def resume_phase2(run, checkpoint, path, optimizer, loader):

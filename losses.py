@@ -42,6 +42,28 @@ def kl_topk(student_logits, teacher_logits, k, temperature=1.0):
     return temperature ** 2 * kl
 
 
+def kl_cached(student_logits, ids, values, temperature=1.0):
+    """Per row: kl_topk with the teacher's side read from teacher_cache.py's entries: `ids` (N, k), `values`
+    (N, >= k + 1) log-probabilities at T = 1 of those ids, then of the tail bucket. At T = 1 it equals kl_topk on
+    the live teacher. At T != 1 the k + 1 bucket log-probs are divided by T and renormalised, i.e. the tail is
+    tempered as one token holding all its mass (exact tempering needs every tail id, which a cache does not keep;
+    the student's side is exact at any T)."""
+    k = ids.shape[-1]
+    s = student_logits.float() / temperature
+    lse_s = s.logsumexp(-1, keepdim=True)
+    log_q = s.gather(-1, ids) - lse_s
+    log_p = values[:, :k + 1].float()
+    if temperature != 1.0:
+        log_p = log_p / temperature
+        log_p = log_p - log_p.logsumexp(-1, keepdim=True)
+    kl = (log_p[:, :k].exp() * (log_p[:, :k] - log_q)).sum(-1)
+    if k < s.shape[-1]:
+        in_top = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, ids, True)
+        log_q_tail = s.masked_fill(in_top, float("-inf")).logsumexp(-1) - lse_s.squeeze(-1)
+        kl = kl + log_p[:, k].exp() * (log_p[:, k] - log_q_tail)
+    return temperature ** 2 * kl
+
+
 def kd_rows(student_logits, teacher_logits, temperature, top_k):
     return (kl_full(student_logits, teacher_logits, temperature) if top_k == 0
             else kl_topk(student_logits, teacher_logits, top_k, temperature))
@@ -56,7 +78,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_weight, options):
+    def forward(ctx, hidden, weight, targets, teacher, options):
         alpha, temperature, top_k, chunk_rows, need_hidden_grad, need_weight_grad = options
         valid = targets != -100
         n_valid = valid.sum().clamp(min=1)
@@ -73,15 +95,13 @@ class ChunkedHeadLoss(torch.autograd.Function):
             sums[0] += ((log_z - logits.gather(1, safe_t[:, None]).squeeze(1)) * ok).sum()
             kd_grad = None
             if alpha > 0:
-                with torch.no_grad():
-                    teacher_logits = (teacher_hidden[rows] @ teacher_weight.t()).float()
                 with torch.enable_grad():
                     student_logits = logits.detach().requires_grad_(need_grad)
-                    kd = (kd_rows(student_logits, teacher_logits, temperature, top_k) * ok).sum()
+                    kd = (teacher_kd(teacher, rows, student_logits, temperature, top_k) * ok).sum()
                     if need_grad:
                         (kd_grad,) = torch.autograd.grad(kd, student_logits)
                 sums[1] += kd.detach()
-                del teacher_logits, student_logits, kd  # each a chunk of vocab-wide rows: freed before g is built
+                del student_logits, kd  # a chunk of vocab-wide rows: freed before g is built
             if not need_grad:
                 continue
             # d(mean loss)/d logits: (1 - alpha) (softmax - onehot) on valid rows, plus alpha * dKD, over n_valid
@@ -106,21 +126,36 @@ class ChunkedHeadLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
                 None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
-                None, None, None, None)
+                None, None, None)
 
 
-def head_loss(hidden, weight, targets, *, teacher=None, alpha=0.0, temperature=1.0, top_k=0, chunk_rows=1024):
+def teacher_kd(teacher, rows, student_logits, temperature, top_k):
+    """Per-row KD of one chunk against the live teacher ("live", its hidden states, its head weight), whose
+    logits are formed here a chunk at a time, or against cached entries ("cache", ids, values)."""
+    kind, a, b = teacher
+    if kind == "cache":
+        return kl_cached(student_logits, a[rows], b[rows], temperature)
+    with torch.no_grad():
+        teacher_logits = (a[rows] @ b.t()).float()
+    return kd_rows(student_logits, teacher_logits, temperature, top_k)
+
+
+def head_loss(hidden, weight, targets, *, teacher=None, teacher_entries=None, alpha=0.0, temperature=1.0, top_k=0,
+              chunk_rows=1024):
     """(loss, ce, kd) for hidden states (N, C), head weight (V, C) and next-token targets (N,), -100 ignored.
-    `teacher` is (teacher_hidden, teacher_weight), needed when alpha > 0; loss = alpha * KD + (1 - alpha) * CE
-    with KD = T^2 * KL(teacher || student), over the full vocabulary (top_k = 0) or top-k + tail."""
-    if alpha > 0 and teacher is None:
-        raise ValueError(f"alpha = {alpha} mixes in KD, which needs the teacher's hidden states and head weight")
-    teacher_hidden, teacher_weight = teacher if teacher is not None else (None, None)
+    When alpha > 0 the teacher is either `teacher` = (teacher_hidden, teacher_weight) or `teacher_entries` =
+    (ids, values) from a teacher cache; loss = alpha * KD + (1 - alpha) * CE with KD = T^2 * KL(teacher ||
+    student), over the full vocabulary (top_k = 0) or top-k + tail (a cache: its k + tail, kl_cached)."""
+    if alpha > 0 and teacher is None and teacher_entries is None:
+        raise ValueError(f"alpha = {alpha} mixes in KD, which needs the teacher's hidden states and head weight "
+                         f"or its cached entries")
+    source = ("cache", *teacher_entries) if teacher_entries is not None else \
+        ("live", *teacher) if teacher is not None else None
     # autograd.Function.forward runs with grad disabled, so which gradients to build is decided here
     need_h = torch.is_grad_enabled() and hidden.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
     options = (float(alpha), float(temperature), int(top_k), int(chunk_rows), need_h, need_w)
-    return ChunkedHeadLoss.apply(hidden, weight, targets, teacher_hidden, teacher_weight, options)
+    return ChunkedHeadLoss.apply(hidden, weight, targets, source, options)
 
 
 @torch.no_grad()
@@ -137,11 +172,13 @@ def teacher_val_hidden(teacher, batches, ctx):
 
 
 @torch.no_grad()
-def evaluate(model, batches, env, ctx, *, chunk_rows=1024, teacher=None, teacher_hidden=None):
+def evaluate(model, batches, env, ctx, *, chunk_rows=1024, teacher=None, teacher_hidden=None, teacher_entries=None):
     """On fixed val tokens: the model's CE and perplexity and, with a teacher, the teacher's CE,
     KL(teacher || model) and top-1 agreement (how often both argmaxes are the same token). The teacher's hidden
     states come from `teacher_hidden` (teacher_val_hidden of the same batches) when given, else from a teacher
-    forward. Sums over tokens and ranks, so the numbers are the same for any world size."""
+    forward. With `teacher_entries` (per batch, (ids, values) of a teacher cache) instead of a teacher, the KL
+    is over the cache's k ids + tail (kl_cached: a lower bound of the full KL) and the teacher's CE is the stored
+    log-prob of each target. Sums over tokens and ranks, so the numbers are the same for any world size."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=env.device)  # CE, teacher CE, KL, agree, tokens
@@ -164,13 +201,18 @@ def evaluate(model, batches, env, ctx, *, chunk_rows=1024, teacher=None, teacher
                 sums[1] += F.cross_entropy(lt, y[rows], reduction="sum").double()
                 sums[2] += kl_full(ls, lt).sum().double()
                 sums[3] += (ls.argmax(-1) == lt.argmax(-1)).sum().double()
+            elif teacher_entries is not None:
+                ids, values = (t[rows] for t in teacher_entries[n])
+                sums[1] -= values[:, -1].sum().double()
+                sums[2] += kl_cached(ls, ids, values).sum().double()
+                sums[3] += (ls.argmax(-1) == ids[:, 0]).sum().double()
     if env.ddp:
         torch.distributed.all_reduce(sums)
     model.train(was_training)
     n = sums[4].clamp(min=1)
     ce = (sums[0] / n).item()
     result = {"val_ce": ce, "val_ppl": math.exp(ce)}
-    if teacher is not None:
+    if teacher is not None or teacher_entries is not None:
         result.update(teacher_ce=(sums[1] / n).item(), kl=(sums[2] / n).item(), top1_agree=(sums[3] / n).item())
     return result
 
@@ -178,6 +220,7 @@ def evaluate(model, batches, env, ctx, *, chunk_rows=1024, teacher=None, teacher
 def eval_line(where, result):
     line = f"eval | {where} | student ce {result['val_ce']:.4f} ppl {result['val_ppl']:.2f}"
     if "kl" in result:
-        line += (f" | teacher ce {result['teacher_ce']:.4f} | kl {result['kl']:.4f} | "
+        kind = f" ({result['kl_kind']})" if "kl_kind" in result else ""
+        line += (f" | teacher ce {result['teacher_ce']:.4f} | kl{kind} {result['kl']:.4f} | "
                  f"top-1 agree {100 * result['top1_agree']:.1f}%")
     return line
