@@ -27,10 +27,14 @@ phase. Beside it: student.py builds the student, layer_cache.py holds phase 1's 
 the chunked CE/KD/eval, training.py the guarded optimizer step and resume that train.py uses too.
 """
 import dataclasses
+import json
+import math
 import os
+import re
+import shutil
 import time
 import types
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -45,7 +49,7 @@ from data import TokenLoader, check_data_matches_tokenizer, read_manifest, val_b
 from hf_interop import (llama_incompatible_layers, load_model, load_tokenizer, model_width, save_pretrained,
                         tokenizer_source)
 from layer_cache import LayerCache, batch_index, check_cache_fits, layer_loss, trainable_part
-from model import MLP_KINDS
+from model import GPT, MLP_KINDS
 from runtime import autocast, resolve_dtype, say, setup_device, shutdown
 from student import check_layers, init_new_mlps, layer_target, load_student, phase2_target, set_trainable
 from training import (Throughput, all_reduce_gradients, changed_settings, guarded_step, load_optimizer_state, lr_at,
@@ -59,7 +63,7 @@ INIT_FROM: Optional[str] = None  # start the student from this checkpoint of our
 DATA_DIR: str = "data/fineweb_edu"  # shards + manifest.json from prepare.py, made with the teacher's tokenizer
 RUN_DIR: str = "runs/distill"  # holds config.json, metrics.jsonl, tokenizer/, layer_XXX.pt, final.pt, step_XXXXXX.pt
 RESUME: bool = False  # continue RUN_DIR exactly from its furthest saved state (phase 1 or 2)
-PHASES: Literal["1", "2", "12", "cache"] = "12"  # which phases run: "1" (layer-wise), "2" (logit distillation), "12" (both, in order), or "cache" (only write TEACHER_CACHE)
+PHASES: Literal["1", "2", "12", "cache", "select"] = "12"  # which phases run: "1" (layer-wise), "2" (logit distillation), "12" (both, in order), "cache" (only write TEACHER_CACHE) or "select" (only rank layers for full attention)
 # the student (ignored when the student comes from a checkpoint: then its own architecture is used)
 MLP_KIND: Literal[*MLP_KINDS, "keep"] = "relu2"  # MLP of the replaced layers: relu2 | gelu | silu | swiglu, or keep (the teacher's MLP)
 MLP_HIDDEN: Optional[int] = None  # width of the new MLPs; None = half the teacher's, rounded down to a multiple of 8
@@ -67,18 +71,23 @@ MLP_LAYERS: Optional[list[int]] = None  # layers whose MLP is replaced; None = e
 MLP_INIT: Literal["prune", "zero"] = "prune"  # new MLPs start as: prune (the teacher's most important neurons) | zero (down = 0: the teacher minus its MLPs)
 REFIT_DOWN: bool = True  # with prune: refit each new MLP's down projection by least squares, layer by layer on the student's own trajectory, so its hidden state after the layer matches the teacher's
 WINDOW: Optional[int] = None  # sliding-window size W for attention; None = full attention everywhere
-FULL_ATTN_LAYERS: list[int] = []  # with WINDOW: layers that keep full attention (a hybrid student)
+FULL_ATTN_LAYERS: Union[list[int], str] = []  # with WINDOW: layers that keep full attention (a hybrid student), or "auto:N": the top N of SELECTION
+# choosing those layers by KL (PHASES=select): each candidate kept full, all others windowed, ranked by val KL
+SELECT_LAYERS: Optional[list[int]] = None  # candidates; None = every windowed layer
+SELECT_STEPS: int = 0  # phase-2 steps per candidate before its KL is measured; 0 = none (the proxy: KL right away)
+SELECTION: Optional[str] = None  # a selection.json (written by PHASES=select) that FULL_ATTN_LAYERS "auto:N" reads
 # phase 1: layer-wise rotation
 LAYERS: Optional[list[int]] = None  # layers trained in each rotation, increasing (the cache only moves up); None = every layer
 ROTATIONS: int = 1  # passes over LAYERS; each pass reads NUM_BATCHES new batches
 STEPS_PER_LAYER: int = 200  # optimizer steps per layer per rotation
-TARGET_TRAINABLE: Literal["decoder", "attn", "block"] = "decoder"  # what trains in layer i: decoder (mlp_norm + MLP) | attn (attn_norm + attention) | block
+TARGET_TRAINABLE: Literal["decoder", "attn", "attn_out", "block"] = "decoder"  # what trains in layer i: decoder (mlp_norm + MLP) | attn (attn_norm + attention, to the teacher's hidden state after the layer) | attn_out (attn_norm + attention, to the teacher's attention output on the same input) | block
 LATENT: Literal["teacher", "student"] = "teacher"  # input latent of layer i: teacher (the teacher's trajectory) | student (the student's own; 2x cache)
 LAYER_LOSS: Literal["mse", "nmse"] = "nmse"  # phase-1 loss: mse | nmse (MSE / mean square of the teacher's update: one scale in every layer)
 COSINE_WEIGHT: float = 0.0  # phase-1 loss = MSE + COSINE_WEIGHT * (1 - cosine of the layer's update to the residual stream)
 NUM_BATCHES: int = 16  # batches per rank held in the phase-1 cache; a layer's steps cycle through them
 CACHE_DEVICE: Literal["device", "cpu"] = "device"  # where the phase-1 cache lives: device (the accelerator) | cpu (host memory)
 LR_LAYER: float = 1e-3  # phase-1 peak learning rate (a fresh AdamW for each layer)
+LR_ATTN_LAYER: Optional[float] = None  # phase-1 peak LR of attention (attn_norm + attention); None = LR_LAYER
 WARMUP_LAYER: int = 10  # phase-1 warmup steps at the start of each layer
 CHECKPOINT_EVERY_LAYER: int = 50  # phase 1: save a resumable state every N steps inside a layer (0 = only at its end)
 EVAL_EVERY_LAYERS: int = 0  # phase 1: end-to-end eval after every N layers (0 = only after the last layer of each rotation)
@@ -89,6 +98,8 @@ TOP_K: int = 0  # 0 = KL over the full vocabulary; k > 0 = exact KL over the tea
 TRAIN_PARAMS: Literal["all", "blocks", "mlp", "attn"] = "all"  # phase-2 trainable part: all | blocks (not embeddings/head/final norm) | mlp | attn
 MAX_STEPS: int = 1000  # phase-2 optimizer steps
 LR: float = 3e-4  # phase-2 peak learning rate
+LR_ATTN: Optional[float] = None  # phase-2 peak LR of attention (attn_norm + attention); None = LR
+TARGET_TOKENS: Optional[int] = None  # phase-2 token budget: sets MAX_STEPS to ceil(TARGET_TOKENS / tokens per step)
 MIN_LR_FRAC: float = 0.1  # the LR decays to MIN_LR_FRAC * LR (both phases)
 WARMUP_STEPS: int = 100  # phase-2 linear warmup
 LR_SCHEDULE: Literal["trapezoid", "cosine", "constant"] = "cosine"  # trapezoid, cosine or constant (both phases)
@@ -123,6 +134,7 @@ PHASE1_RESUMABLE_CHANGES = ("resume", "run_dir", "log_every", "keep_checkpoints"
                              "teacher_cache", "cache_k", "cache_dtype", "cache_from", "cache_shard_tokens",
                              "cache_device", "eval_every_layers",  # where the cache lives, when evals run
                              "alpha", "temperature", "top_k", "train_params", "max_steps", "lr", "warmup_steps",
+                             "lr_attn", "target_tokens",
                              "grad_accum", "checkpoint_every")  # phase 2 only
 
 
@@ -155,6 +167,9 @@ def main(argv=None):
         raise ConfigError("dtype = float16 needs loss scaling, which distill.py does not do; use bfloat16")
     ctx = autocast(env.device_type, dtype)
     torch.manual_seed(s.seed)
+    if s.target_tokens is not None:  # the phase-2 budget in tokens: the step count follows from the batch shape
+        s.max_steps = config["max_steps"] = math.ceil(s.target_tokens / (s.batch_size * s.seq_len * s.grad_accum
+                                                                         * env.world_size))
     if s.phases == "cache":
         write_teacher_cache(s, env, ctx)
         shutdown(env)
@@ -163,7 +178,8 @@ def main(argv=None):
     # ---- Where this run starts: a phase-2 step, a phase-1 state, phase 1's final.pt, INIT_FROM or the teacher
     if env.is_master:  # one writer per run dir; under torchrun rank 0 writes for all
         checkpoints.claim_run_dir(s.run_dir)
-    start = checkpoints.distill_start(s.run_dir, s.phases, s.resume, s.init_from)
+    selecting = s.phases == "select"  # its progress is RUN_DIR/selection.json, not checkpoints
+    start = checkpoints.distill_start(s.run_dir, s.phases, s.resume and not selecting, s.init_from)
     cache_device = phase1_cache_device(s, env)
     width = model_width(s.teacher)
     if start.run1 and width is not None:  # a cache that will not fit is refused before anything is loaded
@@ -171,7 +187,7 @@ def main(argv=None):
 
     # ---- The teacher (not loaded at all for a CE-only phase 2 whose student already exists), its tokenizer
     teacher = teacher_checkpoint = None
-    if start.run1 or (start.run2 and s.alpha > 0 and not s.teacher_cache) or start.path is None:
+    if start.run1 or (start.run2 and s.alpha > 0 and not s.teacher_cache) or start.path is None or selecting:
         teacher, teacher_checkpoint = load_model(s.teacher)
         teacher.to(env.device).eval().requires_grad_(False)
         if start.run1 and width is None:  # a hub id or .gguf: its width is known only now
@@ -183,6 +199,10 @@ def main(argv=None):
 
     # ---- The student, and what can be refused now that its architecture is known
     student, start_checkpoint, new_mlps = load_student(s, start.path, teacher)
+    if s.seq_len > student.config.max_seq_len:  # a long-context stage: RoPE's tables extend to any length
+        say(f"seq_len {s.seq_len} is beyond the student's max_seq_len {student.config.max_seq_len}: its checkpoints "
+            f"will record max_seq_len {s.seq_len}")
+        student.config.max_seq_len = s.seq_len
     student.to(env.device)
     layers = phase1_layers(s, student.config)
     check_data_matches_tokenizer(s.data_dir, tokenizer, student.config.vocab_size)
@@ -201,6 +221,11 @@ def main(argv=None):
     run = Run(s, config, env, ctx, metrics, tokenizer_src, teacher, student, cache=cache)
     if teacher is not None:  # the teacher's side of every eval, computed once
         run.teacher_val = losses.teacher_val_hidden(teacher, val_windows(run), ctx)
+
+    if selecting:
+        select_full_attention(run)
+        shutdown(env)
+        return
 
     # ---- Phase 1, then phase 2 reading on from where phase 1's batches ended
     loader_state = None
@@ -245,11 +270,14 @@ def check_settings(s):
                                 "checkpoint_every_layer", "keep_checkpoints", "eval_every_layers"))
     check_at_least(vars(s), 0.0, ("weight_decay", "grad_clip", "cosine_weight"))
     check_positive(vars(s), ("lr", "lr_layer", "temperature"))
+    check_positive(vars(s), [k for k in ("lr_attn", "lr_attn_layer", "target_tokens") if getattr(s, k) is not None])
     check_fraction(vars(s), ("alpha", "cooldown_frac", "min_lr_frac", "betas"))
     if s.mlp_hidden is not None and s.mlp_hidden < 1:
         raise ConfigError(f"mlp_hidden = {s.mlp_hidden}; expected a positive int or none")
     if s.window is not None and s.window < 1:
         raise ConfigError(f"window = {s.window}; expected a positive int or none")
+    if isinstance(s.full_attn_layers, str):
+        s.full_attn_layers = full_attn_from_selection(s)
     if s.init_from and s.resume:
         raise ConfigError(f"resume and init_from ({s.init_from!r}) both given: --resume continues run_dir "
                           f"'{s.run_dir}' from its own state; drop one of them")
@@ -343,6 +371,11 @@ def run_phase1(run, layers, checkpoint, resume_path):
                          vocab_size=run.student.config.vocab_size)  # on the host: batches feed the cache
     val_tokens = [x.cpu() for x, _ in val_windows(run)]
     progress, total_steps, optimizer_state = {"rotation": 0, "position": 0, "step": 0}, 0, None
+    window = s.batch_size * s.seq_len * env.world_size
+    say(f"phase 1 budget: {s.rotations} rotation(s) x {s.num_batches} batches x {window:,} tokens = "
+        f"{s.rotations * s.num_batches * window:,} tokens through the teacher (once per rotation); "
+        f"{s.rotations * len(layers) * s.steps_per_layer:,} layer steps x {window:,} tokens through layer "
+        f"{'targets' if s.target_trainable != 'block' else 'blocks'} ({s.target_trainable})")
     if resume_path is not None:
         progress, total_steps, optimizer_state = resume_phase1(run, checkpoint, resume_path, loader, len(layers))
     else:
@@ -416,7 +449,7 @@ def train_layer(run, caches, where, rotation_loader, total_steps, optimizer_stat
     for cache in caches:
         cache.begin_layer(i, env)
     set_trainable(student, layer_target(student.blocks[i], s.target_trainable))
-    optimizer = student.configure_optimizer(s.lr_layer, s.weight_decay, s.betas, env.device_type)
+    optimizer = student.configure_optimizer(s.lr_layer, s.weight_decay, s.betas, env.device_type, s.lr_attn_layer)
     before = (None, None)
     if optimizer_state is not None:
         load_optimizer_state(optimizer, optimizer_state, "the phase-1 state", "start a new --run-dir")
@@ -469,7 +502,7 @@ def layer_step(run, cache, optimizer, b, lr, step):
     step as phase 2 and train.py (a NaN/inf stops the run before the weights change). Returns the loss."""
     device = run.env.device
     x = cache.inputs[b].to(device, non_blocking=True)
-    y = cache.teacher_latent[b].to(device, non_blocking=True)
+    y = cache.targets[b].to(device, non_blocking=True)
     set_lr(optimizer, lr)
     with run.ctx:
         out = trainable_part(run.student.blocks[cache.layer], x, cache.cos, cache.sin, cache.target)
@@ -488,7 +521,7 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
     s, env, student = run.s, run.env, run.student
     student.train()
     params = set_trainable(student, phase2_target(student, s.train_params))
-    optimizer = student.configure_optimizer(s.lr, s.weight_decay, s.betas, env.device_type)
+    optimizer = student.configure_optimizer(s.lr, s.weight_decay, s.betas, env.device_type, s.lr_attn)
     loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
                          device=env.device, vocab_size=student.config.vocab_size)
     step = 0
@@ -558,6 +591,100 @@ def phase2_loss(run, model, x, y, offset):
         return losses.head_loss(hidden, run.student.lm_head.weight, y.reshape(-1), teacher=teacher,
                                 teacher_entries=entries, alpha=s.alpha, temperature=s.temperature, top_k=s.top_k,
                                 chunk_rows=s.loss_chunk)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KL-guided choice of the layers that keep full attention (PHASES=select)
+
+def select_full_attention(run):
+    """For each candidate layer j, the student with j's attention full and every other candidate windowed, all
+    from the same start, scored by its end-to-end val KL: right away (SELECT_STEPS = 0, the proxy) or after
+    SELECT_STEPS phase-2 steps (a sub-run in RUN_DIR/select/layer_JJ). RUN_DIR/selection.json is rewritten after
+    each candidate, so a killed selection resumes (--resume) without redoing finished ones; its ranking, lowest
+    KL first, is what FULL_ATTN_LAYERS "auto:N" reads."""
+    s, env, base = run.s, run.env, run.student
+    windowed = [i for i, w in enumerate(base.config.window) if w is not None]
+    if not windowed:
+        raise ConfigError("phases = select ranks windowed layers for full attention: set --window W")
+    candidates = check_layers("select_layers", s.select_layers if s.select_layers is not None else windowed,
+                              base.config.n_layer)
+    path = os.path.join(s.run_dir, "selection.json")
+    settings = {k: run.config[k] for k in ("teacher", "init_from", "data_dir", "window", "full_attn_layers",
+                                           "mlp_kind", "mlp_hidden", "select_steps", "eval_tokens", "batch_size",
+                                           "seq_len", "alpha", "lr", "lr_attn", "top_k", "temperature")}
+    record = {"settings": settings, "baseline": None, "candidates": {}, "ranking": []}
+    if os.path.exists(path):
+        if not s.resume:
+            raise SystemExit(f"'{path}' exists: pass --resume to continue that selection, or choose a new --run-dir")
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        changed = {k: (record["settings"].get(k), v) for k, v in settings.items() if record["settings"].get(k) != v}
+        if changed:
+            raise SystemExit(f"cannot resume the selection in '{path}': settings changed ({changed})")
+    if record["baseline"] is None:
+        record["baseline"] = evaluate_student(run, "select: every candidate windowed", "select", 0)
+    for j in candidates:
+        if str(j) in record["candidates"]:
+            say(f"select: layer {j} already measured (kl {record['candidates'][str(j)]['kl']:.4f})")
+            continue
+        result = measure_candidate(run, j)
+        record["candidates"][str(j)] = {"kl": result["kl"], "val_ce": result["val_ce"],
+                                        "kl_gain": record["baseline"]["kl"] - result["kl"]}
+        record["ranking"] = sorted((int(k) for k in record["candidates"]),
+                                   key=lambda k: record["candidates"][str(k)]["kl"])
+        if env.is_master:
+            checkpoints.atomic_write_text(json.dumps(checkpoints.json_safe(record), indent=2) + "\n", path)
+    say(f"select: full attention in one layer, the others windowed (W={s.window}), "
+        f"{'after ' + str(s.select_steps) + ' phase-2 steps' if s.select_steps else 'no training (proxy)'}; "
+        f"baseline kl {record['baseline']['kl']:.4f}\n  rank | layer | kl     | kl gain | val ce\n" + "\n".join(
+            f"  {n + 1:4d} | {j:5d} | {record['candidates'][str(j)]['kl']:.4f} | "
+            f"{record['candidates'][str(j)]['kl_gain']:7.4f} | {record['candidates'][str(j)]['val_ce']:.4f}"
+            for n, j in enumerate(record["ranking"])) + f"\n{path}: use --full-attn-layers auto:N --selection {path}")
+
+
+def measure_candidate(run, layer):
+    """The end-to-end eval of the student with `layer`'s attention full (same weights), after SELECT_STEPS
+    phase-2 steps in its own sub-run dir when that is > 0 (a finished one is read back, not redone)."""
+    s, base = run.s, run.student
+    windows = list(base.config.window)
+    windows[layer] = None
+    candidate = GPT(dataclasses.replace(base.config, window=windows)).to(run.env.device)
+    candidate.load_state_dict(base.state_dict())
+    if s.select_steps == 0:
+        sub = dataclasses.replace(run, student=candidate, evals=[])
+        return evaluate_student(sub, f"select: layer {layer} full", "select", 0, layer=layer)
+    sub_dir = os.path.join(s.run_dir, "select", f"layer_{layer:02d}")
+    done = os.path.join(sub_dir, f"step_{s.select_steps:06d}.pt")
+    if checkpoints.is_complete(done):
+        return checkpoints.checkpoint_meta(done)["eval"]
+    if run.env.is_master:
+        shutil.rmtree(sub_dir, ignore_errors=True)  # a candidate killed midway starts over
+        os.makedirs(sub_dir)
+    settings = types.SimpleNamespace(**{**vars(s), "run_dir": sub_dir, "max_steps": s.select_steps,
+                                        "checkpoint_every": 0, "keep_checkpoints": 1, "plot": False})
+    metrics = checkpoints.MetricsLog(sub_dir, enabled=run.env.is_master)
+    sub = dataclasses.replace(run, s=settings, student=candidate, metrics=metrics, evals=[])
+    say(f"select: layer {layer} full, {s.select_steps} phase-2 steps in {sub_dir}")
+    run_phase2(sub, None, None, None)
+    return sub.evals[-1]
+
+
+def full_attn_from_selection(s):
+    """FULL_ATTN_LAYERS "auto:N": the N layers ranked best in SELECTION (lowest KL when kept full)."""
+    match = re.fullmatch(r"auto:(\d+)", s.full_attn_layers)
+    if match is None:
+        raise ConfigError(f"full_attn_layers = {s.full_attn_layers!r}; expected a list of layers or auto:N")
+    if not s.selection or not os.path.exists(s.selection):
+        raise ConfigError(f"full_attn_layers = {s.full_attn_layers}: needs --selection FILE, a selection.json "
+                          f"written by --phases select (got {s.selection!r})")
+    with open(s.selection, encoding="utf-8") as f:
+        ranking = json.load(f)["ranking"]
+    n = int(match.group(1))
+    if n > len(ranking):
+        raise ConfigError(f"full_attn_layers = auto:{n}, but '{s.selection}' ranks only {len(ranking)} layers")
+    chosen = sorted(ranking[:n])
+    say(f"full_attn_layers auto:{n} -> {chosen} (the top {n} of {s.selection})")
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -21,9 +21,13 @@ def frozen_part(block, x, cos, sin):
 
 
 def trainable_part(block, x, cos, sin, target):
-    """Layer i from the latent a step starts at to the hidden state after layer i."""
+    """Layer i from the latent a step starts at to what its loss compares: the hidden state after layer i, or
+    for an attn_out target the residual stream after the attention sublayer alone (the loss against the same
+    for the teacher's attention is then exactly the MSE of the two attention outputs)."""
     if target == "decoder":
         return x + block.mlp(block.mlp_norm(x))
+    if target == "attn_out":
+        return frozen_part(block, x, cos, sin)
     return block(x, cos, sin)
 
 
@@ -39,9 +43,10 @@ def layer_loss(out, target, base, cosine_weight=0.0, energy=1.0):
     return loss
 
 
-def cache_bytes(num_batches, batch_size, seq_len, n_embd):
-    """fp32 bytes of the two (N, B, T, C) buffers a layer needs at once: input latents and teacher targets."""
-    return 2 * num_batches * batch_size * seq_len * n_embd * 4
+def cache_bytes(num_batches, batch_size, seq_len, n_embd, buffers=2):
+    """fp32 bytes of the (N, B, T, C) buffers a layer needs at once: input latents and teacher targets, and for
+    an attn_out target also the teacher's latent entering the next layer."""
+    return buffers * num_batches * batch_size * seq_len * n_embd * 4
 
 
 def check_cache_fits(s, n_embd, cache_device, env):
@@ -50,8 +55,9 @@ def check_cache_fits(s, n_embd, cache_device, env):
     settings `s` (num_batches, batch_size, seq_len, eval_tokens, data_dir)."""
     val_total = sum(shard["ntok"] for shard in read_manifest(s.data_dir)["shards"] if shard["split"] == "val")
     val_n = -(-max(0, (min(s.eval_tokens, val_total) - 1) // (s.batch_size * s.seq_len)) // env.world_size)
-    need = cache_bytes(s.num_batches, s.batch_size, s.seq_len, n_embd) + cache_bytes(val_n, s.batch_size,
-                                                                                       s.seq_len, n_embd)
+    buffers = 3 if s.target_trainable == "attn_out" else 2
+    need = cache_bytes(s.num_batches, s.batch_size, s.seq_len, n_embd, buffers) + \
+        cache_bytes(val_n, s.batch_size, s.seq_len, n_embd, buffers)
     if str(cache_device).startswith("cuda"):
         free, _ = torch.cuda.mem_get_info(cache_device)
         where = f"GPU {cache_device}"
@@ -64,9 +70,9 @@ def check_cache_fits(s, n_embd, cache_device, env):
                          f"GiB is free (the cache may take 80%); lower num_batches ({s.num_batches}), batch_size "
                          f"({s.batch_size}), seq_len ({s.seq_len}) or eval_tokens ({s.eval_tokens}), or set "
                          f"cache_device to {'cpu' if where != 'host memory' else 'device'}")
-    say(f"phase-1 cache: 2 x ({s.num_batches}, {s.batch_size}, {s.seq_len}, {n_embd}) fp32 per rank for train + "
-        f"2 x ({val_n}, {s.batch_size}, {s.seq_len}, {n_embd}) for val = {need / 2**30:.3f} GiB of {where} "
-        f"(latent: {s.latent})")
+    say(f"phase-1 cache: {buffers} x ({s.num_batches}, {s.batch_size}, {s.seq_len}, {n_embd}) fp32 per rank for "
+        f"train + {buffers} x ({val_n}, {s.batch_size}, {s.seq_len}, {n_embd}) for val = {need / 2**30:.3f} GiB of "
+        f"{where} (latent: {s.latent})")
 
 
 def batch_index(seed, rotation, layer, step, num_batches):
@@ -90,6 +96,8 @@ class LayerCache:
 
     `teacher_latent` is the teacher's hidden state entering layer `layer`; begin_layer(i) moves it past layer i,
     so it is the target of every step of layer i and, at end_layer, already the cache entering layer i + 1.
+    `targets` is what layer i's steps compare with: teacher_latent, or for an attn_out target (a third buffer)
+    the inputs plus the teacher's attention output on those same inputs.
     `inputs` is what a step of layer i starts from (after the frozen attention sublayer for a decoder target):
     the teacher's h_i in a buffer of its own, or with latent "student" the student's own latent. Two buffers at a
     time either way.
@@ -112,7 +120,7 @@ class LayerCache:
         if latent == "student":
             self.student_latent = empty_like_host(self.teacher_latent).copy_(self.teacher_latent)
         self.layer = 0  # the layer whose input latents the cache holds
-        self.inputs = None
+        self.inputs = self.targets = None
         self.loss_energy = 1.0  # the current layer's loss divides by this: 1 (mse) or the teacher's energy (nmse)
 
     @torch.no_grad()
@@ -146,18 +154,24 @@ class LayerCache:
         else:
             self.map(teacher_block, self.teacher_latent, self.teacher_latent)
             self.inputs = self.student_latent
+        self.targets = self.teacher_latent
+        if self.target == "attn_out":  # the teacher's attention on the very inputs the student's sees
+            teacher_attention = lambda x: frozen_part(self.teacher.blocks[layer], x, self.cos, self.sin)
+            self.targets = self.map(teacher_attention, self.inputs, empty_like_host(self.inputs))
         if self.target == "decoder":  # the attention sublayer stays fixed: apply it once, in place
             block = self.student.blocks[layer]
             self.map(lambda x: frozen_part(block, x, self.cos, self.sin), self.inputs, self.inputs)
         self.loss_energy = self.energy(env) if self.loss == "nmse" else 1.0
-        return self.inputs, self.teacher_latent
+        return self.inputs, self.targets
 
     def end_layer(self):
         """After training the layer: the cache holds the latents entering the next one."""
         if self.student_latent is not None:  # the student's latent goes through the layer as trained
             block = self.student.blocks[self.layer]
-            self.map(lambda x: trainable_part(block, x, self.cos, self.sin, self.target), self.inputs, self.inputs)
-        self.inputs = None  # with the teacher's latent, h_i is not needed again
+            through = (lambda x: block(x, self.cos, self.sin)) if self.target == "attn_out" else \
+                (lambda x: trainable_part(block, x, self.cos, self.sin, self.target))
+            self.map(through, self.inputs, self.inputs)
+        self.inputs = self.targets = None  # with the teacher's latent, h_i is not needed again
         self.layer += 1
 
     @torch.no_grad()
@@ -166,7 +180,7 @@ class LayerCache:
         the teacher's latent), over this cache's batches on every rank."""
         total = torch.zeros(2, dtype=torch.float64, device=env.device)
         for n in range(self.inputs.shape[0]):
-            x, y = self.inputs[n].to(self.device), self.teacher_latent[n].to(self.device)
+            x, y = self.inputs[n].to(self.device), self.targets[n].to(self.device)
             total += torch.stack([(y - x).double().square().mean(), torch.ones((), dtype=torch.float64,
                                                                                   device=env.device)])
         all_reduce_sum([total], env)
@@ -180,7 +194,7 @@ class LayerCache:
         block = self.student.blocks[self.layer]
         total = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, MSE, teacher energy, batches
         for n in range(self.inputs.shape[0]):
-            x, y = self.inputs[n].to(self.device), self.teacher_latent[n].to(self.device)
+            x, y = self.inputs[n].to(self.device), self.targets[n].to(self.device)
             with self.ctx:
                 out = trainable_part(block, x, self.cos, self.sin, self.target).float()
             total += torch.stack([layer_loss(out, y, x, cosine_weight, self.loss_energy), F.mse_loss(out, y),

@@ -367,11 +367,21 @@ class GPT(nn.Module):
         context = sum(min(w or seq_len, seq_len) for w in c.window) / 2  # average keys per query, causal
         return 6 * matmul_params + 12 * c.n_head * c.head_dim * context
 
-    def configure_optimizer(self, lr, weight_decay, betas, device_type):
-        """AdamW; matrices and embeddings decay, norm gains do not. The fused kernel (CPU and GPU) is faster
-        and needs no temporaries the size of the model."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    def configure_optimizer(self, lr, weight_decay, betas, device_type, attn_lr=None):
+        """AdamW; matrices and embeddings decay, norm gains do not. With `attn_lr` (not None and not lr) the
+        attention sublayers (attn_norm + attn) get groups of their own at that peak LR: every group carries
+        "lr_scale" = its peak LR / lr, which training.set_lr applies at each step, so one schedule drives both.
+        The fused kernel (CPU and GPU) is faster and needs no temporaries the size of the model."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        attention = set()
+        if attn_lr is not None and attn_lr != lr:
+            attention = {id(p) for b in self.blocks for m in (b.attn_norm, b.attn) for p in m.parameters()}
+        groups = []
+        for scale, members in ((1.0, [p for p in trainable if id(p) not in attention]),
+                               (attn_lr / lr if attention else None, [p for p in trainable if id(p) in attention])):
+            if scale is None:
+                continue
+            groups += [{"params": [p for p in members if p.dim() >= 2], "weight_decay": weight_decay,
+                        "lr_scale": scale},
+                       {"params": [p for p in members if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))

@@ -211,7 +211,8 @@ def set_trainable(model, modules):
 
 def layer_target(block, target):
     """What phase 1 trains in a layer; each sublayer comes with its pre-norm."""
-    return {"decoder": [block.mlp_norm, block.mlp], "attn": [block.attn_norm, block.attn], "block": [block]}[target]
+    attention = [block.attn_norm, block.attn]
+    return {"decoder": [block.mlp_norm, block.mlp], "attn": attention, "attn_out": attention, "block": [block]}[target]
 
 
 def phase2_target(student, train_params):

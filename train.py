@@ -51,6 +51,7 @@ GRAD_ACCUM: int = 1  # micro-batches per optimizer step; tokens per step = BATCH
 MAX_STEPS: int = 1000  # optimizer steps in the whole run (ignored when TARGET_TOKENS is set)
 TARGET_TOKENS: Optional[int] = None  # train on this many tokens: max_steps = ceil(TARGET_TOKENS / tokens per step)
 LR: float = 3e-4  # peak learning rate
+LR_ATTN: Optional[float] = None  # peak learning rate of attention (attn_norm + attention); None = LR
 MIN_LR_FRAC: float = 0.0  # the LR decays to MIN_LR_FRAC * LR at the end of the cooldown / cosine
 WARMUP_STEPS: int = 100  # linear warmup from LR / WARMUP_STEPS to LR
 LR_SCHEDULE: Literal["trapezoid", "cosine", "constant"] = "trapezoid"  # trapezoid (warmup, constant, linear cooldown), cosine, or constant
@@ -78,7 +79,7 @@ config = configure(globals())
 check_at_least(globals(), 1, ("BATCH_SIZE", "SEQ_LEN", "GRAD_ACCUM", "EVAL_TOKENS", "LOG_EVERY"))
 check_at_least(globals(), 0, ("MAX_STEPS", "WARMUP_STEPS", "EVAL_EVERY", "CHECKPOINT_EVERY", "KEEP_CHECKPOINTS"))
 check_at_least(globals(), 0.0, ("WEIGHT_DECAY", "GRAD_CLIP"))
-check_positive(globals(), ("LR",))
+check_positive(globals(), ("LR",) if LR_ATTN is None else ("LR", "LR_ATTN"))
 check_fraction(globals(), ("COOLDOWN_FRAC", "MIN_LR_FRAC", "BETAS"))
 if TARGET_TOKENS is not None and TARGET_TOKENS < 1:
     raise ConfigError(f"target_tokens = {TARGET_TOKENS}; expected a positive int or none")
@@ -166,6 +167,10 @@ for split in ("val",) if EVAL_ONLY else ("train", "val"):
     except ShardError as e:
         raise SystemExit(str(e))
 
+if SEQ_LEN > model.config.max_seq_len:  # a long-context stage: RoPE's tables extend to any length (no scaling)
+    say(f"seq_len {SEQ_LEN} is beyond the model's max_seq_len {model.config.max_seq_len}: positions past it are "
+        f"new to its full-attention layers; its checkpoints will record max_seq_len {SEQ_LEN}")
+    model.config.max_seq_len = SEQ_LEN
 model.to(env.device)
 raw_model = model  # the plain module: what is saved, clipped and evaluated
 chunk_rows = losses.default_chunk_rows(vocab_size)  # the LM head runs on this many tokens at a time
@@ -195,7 +200,7 @@ if EVAL_ONLY:
 tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * env.world_size
 max_steps = math.ceil(TARGET_TOKENS / tokens_per_step) if TARGET_TOKENS is not None else MAX_STEPS
 config["max_steps"] = max_steps  # what the schedule actually uses, saved with the run
-optimizer = raw_model.configure_optimizer(LR, WEIGHT_DECAY, BETAS, env.device_type)
+optimizer = raw_model.configure_optimizer(LR, WEIGHT_DECAY, BETAS, env.device_type, LR_ATTN)
 # every train shard was scanned for ids >= vocab_size before step 0, so the loader need not scan them again
 loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, rank=env.rank, world_size=env.world_size,
                      device=env.device)

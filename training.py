@@ -39,8 +39,10 @@ def lr_at(step, max_steps, lr, warmup_steps, *, schedule="trapezoid", cooldown_f
 
 
 def set_lr(optimizer, lr):
+    """The schedule's `lr` for this step, times each group's "lr_scale" (model.configure_optimizer: attention's
+    own peak LR, LR_ATTN, relative to LR)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def micro_batches(model, loader, grad_accum, env):

@@ -21,6 +21,7 @@ import layer_cache
 import losses
 import runtime
 import student as student_module
+import training
 from layer_cache import LayerCache
 
 ENV = {"OMP_NUM_THREADS": "1"}  # two processes of torchrun on two cores: no oversubscription
@@ -189,10 +190,12 @@ def test_a_host_cache_beside_a_gpu_stays_pinned_in_every_buffer():
         assert cache.teacher_latent.is_pinned() and inputs.is_pinned() and targets.is_pinned(), latent
 
 
-@pytest.mark.parametrize("target", ["decoder", "attn", "block"])
+@pytest.mark.parametrize("target", ["decoder", "attn", "attn_out", "block"])
 def test_while_layer_i_trains_only_its_target_parameters_change(target):
     teacher = tiny_gpt(0)
-    student, _ = student_module.build_student(teacher, student_module.student_config(teacher.config, "relu2"))
+    window = 4 if target == "attn_out" else None  # attention that differs from the teacher's: something to learn
+    student, _ = student_module.build_student(teacher, student_module.student_config(teacher.config, "relu2",
+                                                                                     window=window))
     ctx = torch.autocast("cpu", enabled=False)
     tokens = [torch.randint(0, 96, (2, 24)) for _ in range(2)]
     cache = LayerCache(teacher, student, tokens, "cpu", ctx, target=target)
@@ -203,11 +206,91 @@ def test_while_layer_i_trains_only_its_target_parameters_change(target):
     run = distill.Run(distill.read_settings(["--grad-clip", "1.0", "--run-dir", "unused"])[0], {}, env1(), ctx,
                       checkpoints.MetricsLog("unused", enabled=False), "", teacher, student)
     losses = [distill.layer_step(run, cache, optimizer, 0, 1e-3, step) for step in range(4)]
-    prefix = {"decoder": ("blocks.1.mlp_norm.", "blocks.1.mlp."), "attn": ("blocks.1.attn_norm.", "blocks.1.attn."),
+    attention = ("blocks.1.attn_norm.", "blocks.1.attn.")
+    prefix = {"decoder": ("blocks.1.mlp_norm.", "blocks.1.mlp."), "attn": attention, "attn_out": attention,
               "block": ("blocks.1.",)}[target]
     changed = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {k for k in before if k.startswith(prefix)}
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("latent", ["teacher", "student"])
+def test_attn_out_loss_is_the_mse_of_the_two_attention_outputs_on_the_same_input(latent):
+    """Computed directly with the modules: the student's attention sublayer and the teacher's, both on the latent
+    entering layer i (the teacher's, or the student's own), against the cache's layer loss; and after the layer
+    the cache moves on through the whole block."""
+    teacher = tiny_gpt(0)
+    config = student_module.student_config(teacher.config, "keep", window=4)  # windowed attention everywhere
+    student, _ = student_module.build_student(teacher, config)
+    torch.manual_seed(3)
+    for block in student.blocks:  # and attention weights that differ from the teacher's
+        block.attn.proj.weight.data.add_(0.05 * torch.randn_like(block.attn.proj.weight))
+    tokens = [torch.randint(0, 96, (2, 24)) for _ in range(2)]
+    cache = LayerCache(teacher, student, tokens, "cpu", torch.autocast("cpu", enabled=False), latent=latent,
+                       target="attn_out")
+    cos, sin = student.rope(0, 24, "cpu")
+    with torch.no_grad():
+        entering = [hidden_states(teacher if latent == "teacher" else student, x) for x in tokens]
+    for i in range(3):
+        inputs, targets = cache.begin_layer(i, env1())
+        for n in range(2):
+            x = entering[n][i]
+            with torch.no_grad():
+                s_out = student.blocks[i].attn(student.blocks[i].attn_norm(x), cos, sin)
+                t_out = teacher.blocks[i].attn(teacher.blocks[i].attn_norm(x), cos, sin)
+                out = layer_cache.trainable_part(student.blocks[i], inputs[n], cos, sin, "attn_out")
+            loss = layer_cache.layer_loss(out, targets[n], inputs[n])
+            torch.testing.assert_close(loss, F.mse_loss(s_out, t_out), rtol=1e-4, atol=1e-7)
+            assert loss > 0
+        cache.end_layer()
+    with torch.no_grad():  # the teacher's latent went on through the teacher's blocks, not its attention alone
+        torch.testing.assert_close(cache.teacher_latent[0], hidden_states(teacher, tokens[0])[3], rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_attention_gets_its_own_learning_rate_in_both_phases_and_after_a_resume(teacher_dir, data_dir, tmp_path):
+    """LR_ATTN / LR_ATTN_LAYER: the attention groups step at their own peak LR under the same schedule; a resumed
+    run's groups take this run's LRs (the saved ones do not leak back)."""
+    model = tiny_gpt()
+    optimizer = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu", attn_lr=5e-3)
+    training.set_lr(optimizer, 2e-4)  # somewhere on the schedule
+    attention = {id(p) for b in model.blocks for m in (b.attn_norm, b.attn) for p in m.parameters()}
+    for group in optimizer.param_groups:
+        inside = {id(p) in attention for p in group["params"]}
+        assert len(inside) <= 1
+        assert group["lr"] == pytest.approx(1e-3 if inside == {True} else 2e-4)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert len(model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), "cpu").param_groups) == 2  # no split: as before
+    run = str(tmp_path / "run")
+    args = distill_args(teacher_dir, data_dir, run, "--phases", "2", "--max-steps", "4", "--checkpoint-every", "2",
+                        "--lr", "1e-3", "--lr-attn", "4e-3", "--warmup-steps", "0", "--lr-schedule", "constant")
+    run_here(*args)
+    saved = torch.load(os.path.join(run, "step_000002.pt"), weights_only=True)["optimizer"]["param_groups"]
+    assert sorted({round(g["lr"], 9) for g in saved}) == [1e-3, 4e-3]
+    os.remove(os.path.join(run, "step_000004.json"))  # resume from step 2 with another attention LR
+    captured = {}
+    real_step = distill.guarded_step
+
+    def recording(optimizer, *a, **k):
+        captured["lrs"] = sorted({round(g["lr"], 9) for g in optimizer.param_groups})
+        return real_step(optimizer, *a, **k)
+
+    distill.guarded_step = recording
+    try:
+        run_here(*args[:-6], "--lr-attn", "2e-3", "--warmup-steps", "0", "--lr-schedule", "constant", "--resume")
+    finally:
+        distill.guarded_step = real_step
+    assert captured["lrs"] == [1e-3, 2e-3]
+
+
+def test_target_tokens_sets_the_phase2_steps_and_phase1_states_its_budget(teacher_dir, data_dir, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    run_here(*distill_args(teacher_dir, data_dir, run, "--layers", "[1]", "--steps-per-layer", "2",
+                           "--target-tokens", "300", "--checkpoint-every", "0"))  # 300 / 128 per step -> 3 steps
+    out = capsys.readouterr().out
+    assert "phase 1 budget: 1 rotation(s) x 4 batches x 128 tokens = 512 tokens through the teacher" in out
+    assert "2 layer steps x 128 tokens" in out
+    assert "phase 2: steps 0 -> 3" in out and os.path.exists(os.path.join(run, "step_000003.pt"))
 
 
 def test_batch_order_is_a_pure_function_that_visits_every_cached_batch_once_per_pass():
@@ -454,3 +537,54 @@ def test_a_swiglu_student_exports_to_hugging_face_with_the_same_logits(teacher_d
     idx = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported(idx).logits, student.eval().logits(idx), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KL-guided choice of full-attention layers
+
+def test_selection_ranks_by_measured_kl_resumes_without_redoing_candidates_and_auto_n_reads_it(
+        teacher_dir, data_dir, tmp_path, monkeypatch, capsys):
+    run = str(tmp_path / "select")
+    args = distill_args(teacher_dir, data_dir, run, "--phases", "select", "--window", "4", "--mlp-kind", "keep")
+    measured, real = [], distill.measure_candidate
+
+    def killed_after_one(r, layer):
+        if measured:
+            raise RuntimeError("killed")
+        measured.append(layer)
+        return real(r, layer)
+
+    monkeypatch.setattr(distill, "measure_candidate", killed_after_one)
+    with pytest.raises(RuntimeError, match="killed"):
+        run_here(*args)
+    monkeypatch.setattr(distill, "measure_candidate", lambda r, layer: measured.append(layer) or real(r, layer))
+    with pytest.raises(SystemExit, match="pass --resume"):
+        run_here(*args)
+    run_here(*args, "--resume")
+    assert measured == [0, 1, 2]  # layer 0 once, before the kill; then only the others
+    selection = json.load(open(os.path.join(run, "selection.json")))
+    kls = {int(j): c["kl"] for j, c in selection["candidates"].items()}
+    assert selection["ranking"] == sorted(kls, key=kls.get) and len(set(kls.values())) == 3
+    assert all(kl < selection["baseline"]["kl"] for kl in kls.values())  # full attention anywhere helps
+    assert "rank | layer | kl" in capsys.readouterr().out
+    hybrid = str(tmp_path / "hybrid")
+    run_here(*distill_args(teacher_dir, data_dir, hybrid, "--window", "4", "--mlp-kind", "keep",
+                           "--full-attn-layers", "auto:2", "--selection", os.path.join(run, "selection.json"),
+                           "--phases", "2", "--max-steps", "1"))
+    windows = json.load(open(os.path.join(hybrid, "step_000001.json")))["model_config"]["window"]
+    assert [i for i, w in enumerate(windows) if w is None] == sorted(selection["ranking"][:2])
+    with pytest.raises(SystemExit, match="ranks only 3 layers"):
+        run_here(*distill_args(teacher_dir, data_dir, str(tmp_path / "x"), "--window", "4", "--full-attn-layers",
+                               "auto:5", "--selection", os.path.join(run, "selection.json")))
+
+
+def test_selection_with_phase2_steps_trains_each_candidate_in_its_own_sub_run(teacher_dir, data_dir, tmp_path):
+    run = str(tmp_path / "select")
+    run_here(*distill_args(teacher_dir, data_dir, run, "--phases", "select", "--window", "4", "--mlp-kind", "keep",
+                           "--select-steps", "2", "--select-layers", "[0, 2]", "--alpha", "1.0", "--lr", "1e-3"))
+    selection = json.load(open(os.path.join(run, "selection.json")))
+    assert sorted(selection["candidates"]) == ["0", "2"]
+    for j in (0, 2):
+        mark = json.load(open(os.path.join(run, "select", f"layer_{j:02d}", "step_000002.json")))
+        assert mark["eval"]["kl"] == pytest.approx(selection["candidates"][str(j)]["kl"])
+        assert mark["model_config"]["window"][j] is None and mark["model_config"]["window"][1] == 4

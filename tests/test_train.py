@@ -109,6 +109,23 @@ def test_target_tokens_sets_max_steps_and_cosine_schedule_runs(tmp_path, shards,
     assert lrs == pytest.approx([1.5e-3, 3e-3, 3e-3, 1.5e-3])
 
 
+def test_a_seq_len_beyond_the_models_max_trains_and_the_checkpoint_records_the_longer_context(
+        tmp_path, shards, bpe_tokenizer_dir):
+    """A long-context stage: TINY_MODEL's max_seq_len is 128, the run trains on 192-token rows (RoPE extends),
+    and its checkpoint says 192, so sample.py then takes prompts of that length."""
+    config = write_config(tmp_path / "tiny.yaml", seq_len=192, batch_size=2, grad_accum=1, max_steps=2,
+                          eval_every=0, eval_tokens=2 * 192 + 1, checkpoint_every=0)
+    run_dir = tmp_path / "run"
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", run_dir,
+                 "--lr-attn", "1e-3")
+    assert "seq_len 192 is beyond the model's max_seq_len 128" in proc.stdout
+    checkpoint = torch.load(run_dir / "step_000002.pt", weights_only=True)
+    assert checkpoint["model_config"]["max_seq_len"] == 192
+    assert sorted({round(g["lr"] / g["lr_scale"], 12) for g in checkpoint["optimizer"]["param_groups"]}) == \
+        [round(checkpoint["optimizer"]["param_groups"][0]["lr"], 12)]  # one schedule, two peak LRs
+    assert len({g["lr_scale"] for g in checkpoint["optimizer"]["param_groups"]}) == 2
+
+
 def test_the_train_stream_wraps_and_each_step_logs_its_epoch(tmp_path, shards, bpe_tokenizer_dir):
     config = write_config(tmp_path / "tiny.yaml", batch_size=16, grad_accum=8, max_steps=7, eval_every=0,
                           eval_tokens=16 * 32 + 1, checkpoint_every=0)
