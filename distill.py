@@ -3,6 +3,8 @@
     python distill.py --config configs/distill_smollm2_mlp_half.yaml
     torchrun --standalone --nproc_per_node 8 distill.py --config configs/distill_smollm2_hybrid_window.yaml
     python distill.py --config configs/distill_smollm2_mlp_half.yaml --resume   # continue exactly after a crash
+    python distill.py --config C --phases cache --teacher-cache DIR   # the teacher's top-k, once (teacher_cache.py)
+    python distill.py --config C --phases select --window 64          # rank layers for full attention by KL
 
 The student is a copy of the teacher (embeddings, attention, norms, head) with per-layer changes: MLPs of another
 kind or width, and/or sliding-window attention in all but a few layers. A new MLP starts as the teacher's most

@@ -24,7 +24,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoints import atomic_write_text, lock_dir
@@ -367,16 +366,27 @@ def export_parquet(cache_dir, out_path):
     os.replace(tmp, out_path)
 
 
-def import_parquet(in_path, cache_dir, shard_tokens=2 ** 20):
-    """A cache from a parquet file written by export_parquet (its metadata says what it was made from)."""
+def import_parquet(in_path, cache_dir, shard_tokens=2 ** 20, foreign=None):
+    """A cache from a parquet file: one written by export_parquet (its metadata says what it was made from), or
+    a seed's file of `idx`, `topk_indices`, `topk_values` only, one row per sequence of SEQ_LEN tokens (idx its
+    index in the train stream, values log-probabilities), when `foreign` gives what the file does not say:
+    {"ident": identity(...) of the teacher and data it was made from, "split"}. A seed's file has no tail column:
+    the tail is log(1 - the top k's mass), and the target log-probs are unknown (NaN: evals report no teacher CE)."""
     import pyarrow.parquet as pq
 
     table = pq.read_table(in_path)
     raw = (table.schema.metadata or {}).get(b"teacher_cache")
+    if raw is None and foreign is None:
+        raise CacheError(f"'{in_path}' has no teacher_cache metadata: give the teacher, data dir and seq_len it "
+                         f"was made with (teacher_cache.py import --teacher T --data-dir D --seq-len N)")
     if raw is None:
-        raise CacheError(f"'{in_path}' has no teacher_cache metadata: only files written by "
-                         f"`teacher_cache.py export` carry the teacher and data identity a cache needs")
-    meta = json.loads(raw)
+        table = with_tail_and_target(table, foreign["ident"]["seq_len"], in_path)
+        idx = table.column("idx").to_numpy()
+        T = foreign["ident"]["seq_len"]
+        meta = {**foreign["ident"], "ranges": {foreign["split"]: [int(idx.min()) * T, (int(idx.max()) + 1) * T]}}
+        table = table.append_column("split", pa_array([foreign["split"]] * len(table)))
+    else:
+        meta = json.loads(raw)
     T, k = meta["seq_len"], meta["k"]
     os.makedirs(cache_dir, exist_ok=True)
     ident = {key: meta[key] for key in ("teacher", "data", "seq_len", "k", "value_dtype")}
@@ -405,6 +415,31 @@ def import_parquet(in_path, cache_dir, shard_tokens=2 ** 20):
     write_manifest(cache_dir, ident, splits)
 
 
+def with_tail_and_target(table, seq_len, in_path):
+    """A seed's table with the columns export_parquet writes beside its ids and values."""
+    import pyarrow as pa
+
+    n = len(table.column("topk_values")[0]) if len(table) else 0
+    if n % seq_len:
+        raise CacheError(f"'{in_path}': a row holds {n} values, not a multiple of seq_len {seq_len}; expected one "
+                         f"row per sequence of seq_len tokens x k")
+    values = np.stack(table.column("topk_values").to_numpy(zero_copy_only=False)).astype(np.float64)
+    values = values.reshape(len(table), seq_len, n // seq_len)
+    if np.any(values > 1e-6):
+        raise CacheError(f"'{in_path}': topk_values holds values > 0, so they are not log-probabilities (logits "
+                         f"cannot be normalised without the whole vocabulary)")
+    tail = np.log(np.clip(1 - np.exp(values).sum(-1), 1e-30, None)).astype(np.float32)
+    target = np.full(tail.shape, np.nan, dtype=np.float32)
+    return table.append_column("tail_logprob", pa.array(list(tail))).append_column(
+        "target_logprob", pa.array(list(target)))
+
+
+def pa_array(values):
+    import pyarrow as pa
+
+    return pa.array(values)
+
+
 def pa_equal(table, split):
     import pyarrow.compute as pc
 
@@ -427,18 +462,45 @@ def verify(cache_dir):
     return bad
 
 
-if __name__ == "__main__":
-    usage = ("usage: python teacher_cache.py verify DIR | export DIR OUT.parquet | import IN.parquet DIR "
-             "[--shard-tokens N]")
-    args = sys.argv[1:]
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description="Check, export or import a teacher cache (see the module docstring).")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("verify").add_argument("cache_dir")
+    export = sub.add_parser("export")
+    export.add_argument("cache_dir")
+    export.add_argument("out_parquet")
+    imp = sub.add_parser("import", help="a parquet of ours, or a seed's given --teacher, --data-dir and --seq-len")
+    imp.add_argument("in_parquet")
+    imp.add_argument("cache_dir")
+    imp.add_argument("--shard-tokens", type=int, default=2 ** 20)
+    imp.add_argument("--teacher", help="a seed's file: the teacher it was made from (loaded for its fingerprint)")
+    imp.add_argument("--data-dir", help="a seed's file: the prepared data whose train stream idx indexes")
+    imp.add_argument("--seq-len", type=int, help="a seed's file: tokens per row")
+    imp.add_argument("--split", default="train")
+    imp.add_argument("--value-dtype", choices=sorted(VALUE_CODES), default="float16")
+    a = p.parse_args(argv)
     try:
-        if args[:1] == ["verify"] and len(args) == 2:
-            sys.exit(1 if verify(args[1]) else 0)
-        elif args[:1] == ["export"] and len(args) == 3:
-            export_parquet(args[1], args[2])
-        elif args[:1] == ["import"] and len(args) in (3, 5):
-            import_parquet(args[1], args[2], *([int(args[4])] if len(args) == 5 else []))
-        else:
-            sys.exit(usage)
+        if a.command == "verify":
+            sys.exit(1 if verify(a.cache_dir) else 0)
+        if a.command == "export":
+            export_parquet(a.cache_dir, a.out_parquet)
+            return
+        foreign = None
+        if a.teacher:
+            from hf_interop import load_model
+
+            import pyarrow.parquet as pq
+
+            first = pq.read_table(a.in_parquet).column("topk_indices")[0]
+            teacher, _ = load_model(a.teacher)
+            foreign = {"split": a.split, "ident": identity(a.teacher, teacher, a.data_dir, a.seq_len,
+                                                           len(first) // a.seq_len, a.value_dtype)}
+        import_parquet(a.in_parquet, a.cache_dir, a.shard_tokens, foreign)
     except CacheError as e:
         sys.exit(f"teacher_cache.py: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -279,3 +279,29 @@ def test_parquet_export_then_import_round_trips_exactly(cache_dir, tmp_path):
     teacher_cache.import_parquet(str(tmp_path / "cache.parquet"), str(tmp_path / "imported"), shard_tokens=256)
     assert shard_bytes(tmp_path / "imported") == shard_bytes(cache_dir)
     assert TeacherCache(str(tmp_path / "imported")).manifest == TeacherCache(str(cache_dir)).manifest
+
+
+def test_a_seeds_parquet_of_ids_and_values_imports_given_the_teacher_data_and_seq_len(cache_dir, teacher_dir,
+                                                                                       data_dir, tmp_path):
+    """The seeds' three columns (idx, topk_indices, topk_values; one row per sequence) carry no identity and no
+    tail: the import is told the teacher, data and seq_len, and rebuilds the tail as log(1 - top-k mass)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    teacher_cache.export_parquet(str(cache_dir), str(tmp_path / "ours.parquet"))
+    ours = pq.read_table(tmp_path / "ours.parquet")
+    train = ours.filter(teacher_cache.pa_equal(ours, "train"))
+    seed = pa.table({name: train.column(name) for name in ("idx", "topk_indices", "topk_values")})
+    pq.write_table(seed, tmp_path / "seed.parquet")
+    with pytest.raises(SystemExit, match="no teacher_cache metadata"):
+        teacher_cache.main(["import", str(tmp_path / "seed.parquet"), str(tmp_path / "refused")])
+    teacher_cache.main(["import", str(tmp_path / "seed.parquet"), str(tmp_path / "imported"), "--teacher",
+                        teacher_dir, "--data-dir", data_dir, "--seq-len", "32", "--value-dtype", "float32"])
+    imported, original = TeacherCache(str(tmp_path / "imported")), TeacherCache(str(cache_dir))
+    for key in ("teacher", "data", "k", "seq_len"):
+        assert imported.manifest[key] == original.manifest[key], key
+    ids, values = imported.entries("train", 0, 1536)
+    want_ids, want_values = original.entries("train", 0, 1536)
+    assert torch.equal(ids, want_ids) and torch.equal(values[:, :16], want_values[:, :16])
+    torch.testing.assert_close(values[:, 16].exp(), want_values[:, 16].exp(), atol=1e-6, rtol=1e-4)  # the tail
+    assert torch.isnan(values[:, 17]).all()  # the target log-probs are not in a seed's file

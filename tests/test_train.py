@@ -363,6 +363,15 @@ def test_shipped_configs_name_only_known_keys_and_valid_models(name):
     assert config["seq_len"] <= config["model_config"].get("max_seq_len", config["seq_len"])
 
 
+def test_the_long_context_stage_config_parses_with_the_model_given_on_the_command_line():
+    from config import configure
+
+    config = configure(train_constants(), argv=["--config", os.path.join(REPO, "configs",
+                                                                         "train_smollm2_hybrid_long_cpu.yaml"),
+                                                "--init-from", "runs/hybrid/step_000100.pt"])
+    assert config["ignore_prior_schedule"] and config["seq_len"] == 2048 and config["lr_attn"] > config["lr"]
+
+
 def test_tiny_cpu_config_trains(tmp_path, shards, bpe_tokenizer_dir):
     run_dir = tmp_path / "tiny"
     train("--config", os.path.join(REPO, "configs", "train_tiny_cpu.yaml"), "--tokenizer", bpe_tokenizer_dir,
