@@ -79,7 +79,7 @@ SELECT_LAYERS: Optional[list[int]] = None  # candidates; None = every windowed l
 SELECT_STEPS: int = 0  # phase-2 steps per candidate before its KL is measured; 0 = none (the proxy: KL right away)
 SELECTION: Optional[str] = None  # a selection.json (written by PHASES=select) that FULL_ATTN_LAYERS "auto:N" reads
 # phase 1: layer-wise rotation
-LAYERS: Optional[list[int]] = None  # layers trained in each rotation, increasing (the cache only moves up); None = every layer
+LAYERS: Optional[list[int]] = None  # layers trained in each rotation, increasing (the cache only moves up); None = every layer (with MLP_KIND keep and a WINDOW: every windowed layer)
 ROTATIONS: int = 1  # passes over LAYERS; each pass reads NUM_BATCHES new batches
 STEPS_PER_LAYER: int = 200  # optimizer steps per layer per rotation
 TARGET_TRAINABLE: Literal["decoder", "attn", "attn_out", "block"] = "decoder"  # what trains in layer i: decoder (mlp_norm + MLP) | attn (attn_norm + attention, to the teacher's hidden state after the layer) | attn_out (attn_norm + attention, to the teacher's attention output on the same input) | block
@@ -294,7 +294,10 @@ def phase1_cache_device(s, env):
 
 def phase1_layers(s, config):
     """LAYERS checked against the student (and EXPORT_HF against its architecture)."""
-    layers = check_layers("layers", s.layers if s.layers is not None else range(config.n_layer), config.n_layer)
+    default = range(config.n_layer)
+    if s.mlp_kind == "keep" and s.window is not None:  # only attention changed: a full layer is the teacher's own
+        default = [i for i, w in enumerate(config.window) if w is not None]
+    layers = check_layers("layers", s.layers if s.layers is not None else default, config.n_layer)
     if layers != sorted(layers):  # the cache only moves forward: one pass over the layers is one teacher forward
         raise ConfigError(f"layers = {layers}; expected increasing layer indices (a rotation goes up the network "
                           f"once, advancing the cache)")

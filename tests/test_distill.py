@@ -588,3 +588,21 @@ def test_selection_with_phase2_steps_trains_each_candidate_in_its_own_sub_run(te
         mark = json.load(open(os.path.join(run, "select", f"layer_{j:02d}", "step_000002.json")))
         assert mark["eval"]["kl"] == pytest.approx(selection["candidates"][str(j)]["kl"])
         assert mark["model_config"]["window"][j] is None and mark["model_config"]["window"][1] == 4
+
+
+def test_phase1_trains_only_the_windowed_layers_when_attention_is_all_that_changed():
+    teacher = tiny_gpt()
+    settings = lambda *a: distill.read_settings(["--run-dir", "unused", *a])[0]
+    hybrid = student_module.student_config(teacher.config, "keep", window=4, full_attn_layers=[1])
+    assert distill.phase1_layers(settings("--mlp-kind", "keep", "--window", "4"), hybrid) == [0, 2]
+    halved = student_module.student_config(teacher.config, "relu2", window=4, full_attn_layers=[1])
+    assert distill.phase1_layers(settings("--window", "4"), halved) == [0, 1, 2]  # new MLPs everywhere
+
+
+def test_the_hybrid_cpu_recipe_takes_its_full_layers_from_the_shipped_ranking(monkeypatch):
+    monkeypatch.chdir(REPO)  # the config names the ranking relative to the repo root
+    settings, _ = distill.read_settings(["--config", "configs/distill_smollm2_hybrid_cpu_30min.yaml"])
+    ranking = json.load(open("configs/selection_smollm2_w64_t512.json"))["ranking"]
+    assert settings.full_attn_layers == sorted(ranking[:4]) and settings.window == 64
+    assert sum(1 for i in range(30) if i not in settings.full_attn_layers) >= 26
+    assert settings.mlp_kind == "keep" and settings.target_trainable == "attn_out"
