@@ -47,7 +47,7 @@ import losses
 import plot
 import teacher_cache
 from config import ConfigError, check_at_least, check_fraction, check_positive, configure
-from data import TokenLoader, check_data_matches_tokenizer, read_manifest, val_batches
+from data import TokenLoader, check_data_matches_tokenizer, val_batches
 from hf_interop import (llama_incompatible_layers, load_model, load_tokenizer, model_width, save_pretrained,
                         tokenizer_source)
 from layer_cache import LayerCache, batch_index, check_cache_fits, layer_loss, trainable_part
@@ -173,7 +173,7 @@ def main(argv=None):
         s.max_steps = config["max_steps"] = math.ceil(s.target_tokens / (s.batch_size * s.seq_len * s.grad_accum
                                                                          * env.world_size))
     if s.phases == "cache":
-        write_teacher_cache(s, env, ctx)
+        teacher_cache.write_for_run(s, env, ctx)
         shutdown(env)
         return
 
@@ -197,7 +197,7 @@ def main(argv=None):
     tokenizer_src = tokenizer_source(s.teacher, teacher_checkpoint) if teacher is not None else \
         tokenizer_source(start.path, checkpoints.checkpoint_meta(start.path))  # TEACHER may not exist here
     tokenizer = load_tokenizer(tokenizer_src)
-    cache = open_teacher_cache(s, teacher) if start.run2 and s.teacher_cache else None
+    cache = teacher_cache.open_for_run(s, teacher) if start.run2 and s.teacher_cache else None
 
     # ---- The student, and what can be refused now that its architecture is known
     student, start_checkpoint, new_mlps = load_student(s, start.path, teacher)
@@ -238,7 +238,7 @@ def main(argv=None):
     if start.run2:
         if cache is not None:  # phase 2 reads the teacher from disk: the live one (if phase 1 needed it) goes
             run.teacher = run.teacher_val = None
-            run.cache_val = cache_val_entries(run)
+            run.cache_val = teacher_cache.val_entries(cache, s, env)
         run_phase2(run, start_checkpoint if start.phase2_path else None, start.phase2_path, loader_state)
 
     if s.export_hf and env.is_master:
@@ -690,61 +690,6 @@ def full_attn_from_selection(s):
     chosen = sorted(ranking[:n])
     say(f"full_attn_layers auto:{n} -> {chosen} (the top {n} of {s.selection})")
     return chosen
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The teacher cache: written once by --phases cache, read by phase 2
-
-def write_teacher_cache(s, env, ctx):
-    """--phases cache: the teacher's top-k entries over the train windows phase 2 will read and the val windows
-    every eval reads, into TEACHER_CACHE (teacher_cache.py). No run dir, no student."""
-    if not s.teacher_cache:
-        raise ConfigError("phases = cache writes the teacher cache: give --teacher-cache DIR")
-    t0 = time.perf_counter()
-    teacher, teacher_checkpoint = load_model(s.teacher)
-    teacher.to(env.device).eval().requires_grad_(False)
-    check_data_matches_tokenizer(s.data_dir, load_tokenizer(tokenizer_source(s.teacher, teacher_checkpoint)),
-                                 teacher.config.vocab_size)
-    window = s.batch_size * s.seq_len
-    start = s.cache_from if s.cache_from is not None else s.rotations * s.num_batches * window * env.world_size
-    ranges = {"train": (start, start + s.max_steps * s.grad_accum * window * env.world_size),
-              "val": (0, n_val_windows(s) * window)}
-    say(f"teacher cache {s.teacher_cache}: top-{s.cache_k} in {s.cache_dtype} of {s.teacher} over train offsets "
-        f"[{ranges['train'][0]:,}, {ranges['train'][1]:,}) and val [0, {ranges['val'][1]:,})")
-    t1 = time.perf_counter()
-    teacher_cache.write_cache(s.teacher_cache, teacher, s.teacher, ranges, s, env, ctx)
-    tokens, seconds = sum(b - a for a, b in ranges.values()), time.perf_counter() - t1
-    say(f"teacher cache written: {tokens:,} tokens in {seconds:.1f}s ({tokens / seconds:,.0f} tok/s; "
-        f"{t1 - t0:.1f}s loading before): {s.teacher_cache}")
-
-
-def n_val_windows(s):
-    """How many val windows every eval reads (data.val_batches cuts them the same way)."""
-    total = sum(r["ntok"] for r in read_manifest(s.data_dir)["shards"] if r["split"] == "val")
-    return (min(s.eval_tokens, total) - 1) // (s.batch_size * s.seq_len)
-
-
-def open_teacher_cache(s, teacher):
-    """TEACHER_CACHE, checked against this run before anything trains: data, SEQ_LEN, teacher (and its weights
-    when this run loads it anyway), TOP_K within the cached k, the val windows covered."""
-    cache = teacher_cache.TeacherCache(s.teacher_cache)
-    cache.check_matches(data_dir=s.data_dir, seq_len=s.seq_len, teacher_source=s.teacher, teacher=teacher)
-    if s.top_k > cache.k:
-        raise ConfigError(f"top_k = {s.top_k}, but teacher cache '{s.teacher_cache}' holds only the top "
-                          f"{cache.k} ids per token; use top_k <= {cache.k} (0 = all {cache.k})")
-    cache.check_covers("val", 0, n_val_windows(s) * s.batch_size * s.seq_len, " (eval_tokens or batch_size differ "
-                       "from the settings the cache was written with)")
-    say(f"teacher cache {s.teacher_cache}: top-{cache.k} {cache.manifest['value_dtype']} entries of "
-        f"{cache.manifest['teacher']['source']}; phase 2 runs no teacher")
-    return cache
-
-
-def cache_val_entries(run):
-    """The cache's entries of this rank's val windows, on the device (data.val_batches' windows r, r+W, ...)."""
-    s, env = run.s, run.env
-    window = s.batch_size * s.seq_len
-    return [run.cache.entries("val", w * window, window, env.device)
-            for w in range(env.rank, n_val_windows(s), env.world_size)]
 
 
 def resume_phase2(run, checkpoint, path, optimizer, loader):

@@ -21,13 +21,17 @@ import json
 import os
 import re
 import sys
+import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from checkpoints import atomic_write_text, lock_dir
-from data import HEADER_BYTES, HEADER_INTS, TokenLoader, read_manifest
+from config import ConfigError
+from data import HEADER_BYTES, HEADER_INTS, TokenLoader, check_data_matches_tokenizer, read_manifest
+from hf_interop import load_model, load_tokenizer, tokenizer_source
+from runtime import say
 
 CACHE_MAGIC = 20241130
 CACHE_VERSION = 1
@@ -334,6 +338,60 @@ def open_shard(path, record, k):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# distill.py's use of it: --phases cache writes the windows its phase 2 and evals read; phase 2 opens it
+
+def write_for_run(s, env, ctx):
+    """--phases cache: the teacher's top-k entries over the train windows that phase 2 with distill.py's settings
+    `s` will read and the val windows every eval reads, into TEACHER_CACHE. No run dir, no student."""
+    if not s.teacher_cache:
+        raise ConfigError("phases = cache writes the teacher cache: give --teacher-cache DIR")
+    t0 = time.perf_counter()
+    teacher, teacher_checkpoint = load_model(s.teacher)
+    teacher.to(env.device).eval().requires_grad_(False)
+    check_data_matches_tokenizer(s.data_dir, load_tokenizer(tokenizer_source(s.teacher, teacher_checkpoint)),
+                                 teacher.config.vocab_size)
+    window = s.batch_size * s.seq_len
+    start = s.cache_from if s.cache_from is not None else s.rotations * s.num_batches * window * env.world_size
+    ranges = {"train": (start, start + s.max_steps * s.grad_accum * window * env.world_size),
+              "val": (0, n_val_windows(s) * window)}
+    say(f"teacher cache {s.teacher_cache}: top-{s.cache_k} in {s.cache_dtype} of {s.teacher} over train offsets "
+        f"[{ranges['train'][0]:,}, {ranges['train'][1]:,}) and val [0, {ranges['val'][1]:,})")
+    t1 = time.perf_counter()
+    write_cache(s.teacher_cache, teacher, s.teacher, ranges, s, env, ctx)
+    tokens, seconds = sum(b - a for a, b in ranges.values()), time.perf_counter() - t1
+    say(f"teacher cache written: {tokens:,} tokens in {seconds:.1f}s ({tokens / seconds:,.0f} tok/s; "
+        f"{t1 - t0:.1f}s loading before): {s.teacher_cache}")
+
+
+def n_val_windows(s):
+    """How many val windows every eval reads (data.val_batches cuts them the same way)."""
+    total = sum(r["ntok"] for r in read_manifest(s.data_dir)["shards"] if r["split"] == "val")
+    return (min(s.eval_tokens, total) - 1) // (s.batch_size * s.seq_len)
+
+
+def open_for_run(s, teacher):
+    """TEACHER_CACHE, checked against distill.py's settings `s` before anything trains: data, SEQ_LEN, teacher (and
+    its weights when the run loads it anyway), TOP_K within the cached k, the val windows covered."""
+    cache = TeacherCache(s.teacher_cache)
+    cache.check_matches(data_dir=s.data_dir, seq_len=s.seq_len, teacher_source=s.teacher, teacher=teacher)
+    if s.top_k > cache.k:
+        raise ConfigError(f"top_k = {s.top_k}, but teacher cache '{s.teacher_cache}' holds only the top "
+                          f"{cache.k} ids per token; use top_k <= {cache.k} (0 = all {cache.k})")
+    cache.check_covers("val", 0, n_val_windows(s) * s.batch_size * s.seq_len, " (eval_tokens or batch_size differ "
+                       "from the settings the cache was written with)")
+    say(f"teacher cache {s.teacher_cache}: top-{cache.k} {cache.manifest['value_dtype']} entries of "
+        f"{cache.manifest['teacher']['source']}; phase 2 runs no teacher")
+    return cache
+
+
+def val_entries(cache, s, env):
+    """The cache's entries of this rank's val windows, on the device (data.val_batches' windows r, r+W, ...)."""
+    window = s.batch_size * s.seq_len
+    return [cache.entries("val", w * window, window, env.device)
+            for w in range(env.rank, n_val_windows(s), env.world_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Parquet interop: one row per sequence of SEQ_LEN positions
 
 def export_parquet(cache_dir, out_path):
@@ -489,8 +547,6 @@ def main(argv=None):
             return
         foreign = None
         if a.teacher:
-            from hf_interop import load_model
-
             import pyarrow.parquet as pq
 
             first = pq.read_table(a.in_parquet).column("topk_indices")[0]
