@@ -180,3 +180,12 @@ def teacher_dir(tmp_path_factory, bpe_tokenizer_dir):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, bpe_tokenizer_dir):
     return write_token_dataset(tmp_path_factory.mktemp("shards"), bpe_tokenizer_dir, n_docs=340, val_tokens=4000)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core CI box: one thread avoids oversubscription stalls (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

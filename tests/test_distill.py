@@ -29,13 +29,7 @@ TINY = ["--device", "cpu", "--dtype", "float32", "--batch-size", "4", "--seq-len
         "--num-batches", "4", "--log-every", "1000", "--loss-chunk", "48"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core CI box: one thread avoids oversubscription stalls (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models on a shared 2-core box
 
 
 def tiny_gpt(seed=0, **overrides):

@@ -29,12 +29,7 @@ WRITE = ["--phases", "cache", "--cache-k", "16", "--cache-dtype", "float32", "--
          "--cache-shard-tokens", "300"]  # 300 -> 256 per shard (two windows of 4 x 32): several shards
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models on a shared 2-core box
 
 
 def run_here(*args):
