@@ -24,6 +24,9 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
@@ -398,9 +401,6 @@ def export_parquet(cache_dir, out_path):
     """Columns: split, idx (the sequence's index in the stream: its first offset / SEQ_LEN), topk_indices
     list<int32> and topk_values list<float32> (SEQ_LEN x k, row-major; log-probabilities), tail_logprob and
     target_logprob list<float32> (SEQ_LEN). The cache's manifest rides along in the file's metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     cache = TeacherCache(cache_dir)
     T, k = cache.seq_len, cache.k
     meta = {key: v for key, v in cache.manifest.items() if key != "splits"}
@@ -430,8 +430,6 @@ def import_parquet(in_path, cache_dir, shard_tokens=2 ** 20, foreign=None):
     index in the train stream, values log-probabilities), when `foreign` gives what the file does not say:
     {"ident": identity(...) of the teacher and data it was made from, "split"}. A seed's file has no tail column:
     the tail is log(1 - the top k's mass), and the target log-probs are unknown (NaN: evals report no teacher CE)."""
-    import pyarrow.parquet as pq
-
     table = pq.read_table(in_path)
     raw = (table.schema.metadata or {}).get(b"teacher_cache")
     if raw is None and foreign is None:
@@ -442,7 +440,7 @@ def import_parquet(in_path, cache_dir, shard_tokens=2 ** 20, foreign=None):
         idx = table.column("idx").to_numpy()
         T = foreign["ident"]["seq_len"]
         meta = {**foreign["ident"], "ranges": {foreign["split"]: [int(idx.min()) * T, (int(idx.max()) + 1) * T]}}
-        table = table.append_column("split", pa_array([foreign["split"]] * len(table)))
+        table = table.append_column("split", pa.array([foreign["split"]] * len(table)))
     else:
         meta = json.loads(raw)
     T, k = meta["seq_len"], meta["k"]
@@ -450,7 +448,7 @@ def import_parquet(in_path, cache_dir, shard_tokens=2 ** 20, foreign=None):
     ident = {key: meta[key] for key in ("teacher", "data", "seq_len", "k", "value_dtype")}
     splits = {}
     for split, (start, end) in meta["ranges"].items():
-        rows = table.filter(pa_equal(table, split)).sort_by("idx")
+        rows = table.filter(pc.equal(table.column("split"), split)).sort_by("idx")
         idx = rows.column("idx").to_numpy()
         if len(idx) != (end - start) // T or (len(idx) and (idx[0] != start // T or np.any(np.diff(idx) != 1))):
             raise CacheError(f"'{in_path}': split {split} should hold sequences {start // T}..{end // T - 1} in "
@@ -475,8 +473,6 @@ def import_parquet(in_path, cache_dir, shard_tokens=2 ** 20, foreign=None):
 
 def with_tail_and_target(table, seq_len, in_path):
     """A seed's table with the columns export_parquet writes beside its ids and values."""
-    import pyarrow as pa
-
     n = len(table.column("topk_values")[0]) if len(table) else 0
     if n % seq_len:
         raise CacheError(f"'{in_path}': a row holds {n} values, not a multiple of seq_len {seq_len}; expected one "
@@ -490,18 +486,6 @@ def with_tail_and_target(table, seq_len, in_path):
     target = np.full(tail.shape, np.nan, dtype=np.float32)
     return table.append_column("tail_logprob", pa.array(list(tail))).append_column(
         "target_logprob", pa.array(list(target)))
-
-
-def pa_array(values):
-    import pyarrow as pa
-
-    return pa.array(values)
-
-
-def pa_equal(table, split):
-    import pyarrow.compute as pc
-
-    return pc.equal(table.column("split"), split)
 
 
 def verify(cache_dir):
@@ -547,8 +531,6 @@ def main(argv=None):
             return
         foreign = None
         if a.teacher:
-            import pyarrow.parquet as pq
-
             first = pq.read_table(a.in_parquet).column("topk_indices")[0]
             teacher, _ = load_model(a.teacher)
             foreign = {"split": a.split, "ident": identity(a.teacher, teacher, a.data_dir, a.seq_len,

@@ -13,7 +13,6 @@ import torch
 
 from conftest import REPO, make_tiny_llama, torchrun, write_token_dataset
 from data import TokenLoader
-from model import GPT, GPTConfig
 
 import distill
 import losses
@@ -281,11 +280,12 @@ def test_a_seeds_parquet_of_ids_and_values_imports_given_the_teacher_data_and_se
     """The seeds' three columns (idx, topk_indices, topk_values; one row per sequence) carry no identity and no
     tail: the import is told the teacher, data and seq_len, and rebuilds the tail as log(1 - top-k mass)."""
     import pyarrow as pa
+    import pyarrow.compute  # noqa: F401 (pa.compute)
     import pyarrow.parquet as pq
 
     teacher_cache.export_parquet(str(cache_dir), str(tmp_path / "ours.parquet"))
     ours = pq.read_table(tmp_path / "ours.parquet")
-    train = ours.filter(teacher_cache.pa_equal(ours, "train"))
+    train = ours.filter(pa.compute.equal(ours.column("split"), "train"))
     seed = pa.table({name: train.column(name) for name in ("idx", "topk_indices", "topk_values")})
     pq.write_table(seed, tmp_path / "seed.parquet")
     with pytest.raises(SystemExit, match="no teacher_cache metadata"):
