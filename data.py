@@ -4,6 +4,11 @@ A shard (llm.c's format): a header of 256 little-endian int32 -- [0] magic 20240
 then ntok little-endian uint16 token ids. A dataset directory holds shards and manifest.json; prepare.py writes
 the manifest last, so a directory without one is unfinished. Every reader of a shard goes through load_shard.
 
+A conversation dataset (prepare.py --format chat | instruct) adds a mask shard beside each token shard: the same
+header with magic 20241201, then one uint8 of flags per token: LOSS (1) on the tokens the loss trains on (the
+assistant's), START (2) on the first token of each conversation. Its shards hold whole conversations, and
+ConversationLoader batches them so that no conversation sees another.
+
 torch is imported inside the functions that make tensors: prepare.py's tokenizer worker processes import this
 file for the shard format and need no torch (importing it costs each one ~1.5 s and ~150 MB).
 """
@@ -19,6 +24,8 @@ VERSION = 1
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 MAX_SHARD_TOKENS = 2**31 - 1  # ntok is an int32 in the header
+MASK_MAGIC = 20241201  # a mask shard: the same header, then ntok uint8 flags, one per token of its token shard
+LOSS, START = 1, 2  # mask flag bits: the token is a target of the loss (assistant); a conversation starts here
 
 MANIFEST_KEYS = ("shards", "tokenizer", "totals")
 SHARD_KEYS = ("split", "file", "bytes", "sha256", "ntok")
@@ -43,11 +50,22 @@ def write_shard(path, tokens):
         if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
             raise ValueError(f"shard '{path}': token ids must fit uint16 (0..65535), "
                              f"got min {tokens.min()} and max {tokens.max()}")
-    if not 0 < tokens.size <= MAX_SHARD_TOKENS:
-        raise ValueError(f"shard '{path}': expected 1..{MAX_SHARD_TOKENS} tokens, got {tokens.size}")
-    body = np.ascontiguousarray(tokens, dtype="<u2")
+    return write_array(path, np.ascontiguousarray(tokens, dtype="<u2"), MAGIC)
+
+
+def write_mask_shard(path, flags):
+    """Write a conversation dataset's per-token flags (LOSS, START bits; uint8) beside its token shard."""
+    flags = np.asarray(flags)
+    if flags.ndim != 1 or flags.dtype != np.uint8:
+        raise ValueError(f"mask shard '{path}': expected a 1-D uint8 array, got {flags.dtype} of shape {flags.shape}")
+    return write_array(path, np.ascontiguousarray(flags), MASK_MAGIC)
+
+
+def write_array(path, body, magic):
+    if not 0 < body.size <= MAX_SHARD_TOKENS:
+        raise ValueError(f"shard '{path}': expected 1..{MAX_SHARD_TOKENS} tokens, got {body.size}")
     header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = MAGIC, VERSION, body.size
+    header[:3] = magic, VERSION, body.size
     digest = hashlib.sha256(header.tobytes())
     digest.update(memoryview(body))
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -62,6 +80,15 @@ def write_shard(path, tokens):
 
 def load_shard(path):
     """Validate a shard's header and size, then map its tokens (uint16, no copy into memory)."""
+    return load_array(path, MAGIC, np.uint16, "token shard")
+
+
+def load_mask_shard(path):
+    """Validate a mask shard's header and size, then map its per-token flags (uint8)."""
+    return load_array(path, MASK_MAGIC, np.uint8, "mask shard")
+
+
+def load_array(path, expected_magic, dtype, kind):
     try:
         size = os.path.getsize(path)
     except FileNotFoundError:
@@ -70,17 +97,19 @@ def load_shard(path):
         raise ShardError(f"shard '{path}' is truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
     header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
     magic, version, ntok = (int(v) for v in header[:3])
-    if magic != MAGIC:
-        raise ShardError(f"shard '{path}' has magic {magic}, expected {MAGIC}: not a token shard of this repo")
+    if magic != expected_magic:
+        raise ShardError(f"shard '{path}' has magic {magic}, expected {expected_magic}: not a {kind} of this repo")
     if version != VERSION:
         raise ShardError(f"shard '{path}' has format version {version}, expected {VERSION}")
     if ntok <= 0:
         raise ShardError(f"shard '{path}' header says ntok={ntok}, expected a positive token count")
-    expected = HEADER_BYTES + 2 * ntok
+    width = np.dtype(dtype).itemsize
+    expected = HEADER_BYTES + width * ntok
     if size != expected:
         raise ShardError(f"shard '{path}' is {size} bytes but its header says ntok={ntok}, so it should be "
-                         f"{expected} bytes ({HEADER_BYTES} header + 2 * ntok): truncated or a wrong token count")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(ntok,))
+                         f"{expected} bytes ({HEADER_BYTES} header + {width} * ntok): truncated or a wrong token "
+                         f"count")
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(ntok,))
 
 
 def read_manifest(data_dir):
@@ -245,6 +274,156 @@ def val_batches(data_dir, batch_size, seq_len, num_tokens, rank=0, world_size=1,
         raise ValueError(f"val: num_tokens={num_tokens} is less than one window of batch_size * seq_len + 1 = "
                          f"{window + 1} tokens")
     return (loader.window_at(k * window) for k in range(rank, n_windows, world_size))
+
+
+class ConversationLoader:
+    """Endless (x, y, segments) batches of whole conversations from one split of a conversation dataset.
+
+    Rows are built once, in the data's order: pack=True fills each row of seq_len + 1 tokens with as many whole
+    conversations as fit (greedy, in order; the rest of the row is padding), pack=False puts one conversation in
+    each row, padded to the batch's longest. y is -100 except where the next token is a LOSS token of the same
+    conversation. segments (B, T) numbers the conversations of each row (padding is -1) for the model's
+    block-diagonal attention; with pack=False it is None, since padding only follows the one conversation and a
+    causal mask already keeps it out. Rank r of W reads rows r*B.. of each round of W*B rows; where the ranks are
+    is one integer (`position`, in rows), so resume is exact.
+    """
+
+    def __init__(self, data_dir, split, batch_size, seq_len, *, pack=True, rank=0, world_size=1, device="cpu",
+                 vocab_size=None):
+        manifest = read_manifest(data_dir)
+        if not manifest.get("conversations"):
+            raise ValueError(f"'{os.path.join(data_dir, 'manifest.json')}' is a plain-text dataset: it has no "
+                             f"loss masks (prepare it with --format chat or --format instruct)")
+        shards = [s for s in manifest["shards"] if s["split"] == split]
+        if not shards:
+            raise ValueError(f"'{os.path.join(data_dir, 'manifest.json')}' lists no '{split}' shards")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.data_dir, self.split, self.pack = data_dir, split, pack
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size, self.device = rank, world_size, str(device)
+        self.tokens, self.flags, starts = [], [], []  # per shard; starts: (shard, offset, length) per conversation
+        for i, shard in enumerate(shards):
+            tokens, flags = load_conversation_shard(data_dir, shard, vocab_size)
+            first = np.flatnonzero(flags & START)
+            if len(first) == 0 or first[0] != 0:
+                raise ShardError(f"mask shard '{shard['mask']['file']}' does not start with a conversation: its "
+                                 f"shards must hold whole conversations (prepare.py writes them so)")
+            lengths = np.diff(np.append(first, len(tokens)))
+            starts.append(np.stack([np.full_like(first, i), first, lengths], axis=1))
+            self.tokens.append(tokens)
+            self.flags.append(flags)
+        self.conversations = np.concatenate(starts)  # (n, 3): shard, offset, length
+        lengths = self.conversations[:, 2]
+        if lengths.max() > seq_len + 1:
+            raise ValueError(f"split '{split}' of '{data_dir}': {int((lengths > seq_len + 1).sum())} conversations "
+                             f"are longer than seq_len + 1 = {seq_len + 1} tokens (the longest has "
+                             f"{int(lengths.max())}); raise seq_len or prepare with --max-length {seq_len + 1}")
+        self.row_bounds = pack_rows(lengths, seq_len + 1) if pack else np.arange(len(lengths) + 1)
+        self.n_rows = len(self.row_bounds) - 1
+        self.position = 0  # rows read by all ranks together
+
+    @property
+    def epoch(self):
+        return self.position // self.n_rows
+
+    def next_batch(self):
+        first = self.position + self.rank * self.batch_size
+        self.position += self.world_size * self.batch_size
+        return self.rows_batch([(first + b) % self.n_rows for b in range(self.batch_size)])
+
+    def state_dict(self):
+        return {"split": self.split, "position": self.position, "rows": self.n_rows,
+                "conversations": len(self.conversations), "pack": self.pack, "seq_len": self.seq_len,
+                "epoch": self.epoch}
+
+    def load_state_dict(self, state):
+        """Continue at the saved row. Rows depend on seq_len and packing, so both must be as saved."""
+        if "conversations" not in state:
+            raise ValueError(f"loader state {state} is from a plain-text run; '{self.data_dir}' holds conversations")
+        mine = (self.split, len(self.conversations), self.pack, self.seq_len)
+        saved = (state["split"], state["conversations"], state["pack"], state["seq_len"])
+        if saved != mine:
+            raise ValueError(f"loader state is for (split, conversations, pack, seq_len) = {saved}, but this loader "
+                             f"reads {mine} from '{self.data_dir}': the data or the row layout changed since the "
+                             f"checkpoint was saved")
+        self.position = int(state["position"])
+
+    def row_tokens(self, row):
+        lo, hi = self.row_bounds[row], self.row_bounds[row + 1]
+        return int(self.conversations[lo:hi, 2].sum())
+
+    def rows_batch(self, rows):
+        """The batch made of these rows: x, y int64 (B, T') and segments int64 (B, T') or None (pack=False)."""
+        import torch
+
+        width = self.seq_len + 1 if self.pack else max(self.row_tokens(r) for r in rows)
+        tokens = np.zeros((len(rows), width), np.int64)
+        flags = np.zeros((len(rows), width), np.uint8)
+        segments = np.full((len(rows), width), -1, np.int64)
+        for b, row in enumerate(rows):
+            at = 0
+            for n, (shard, start, length) in enumerate(self.conversations[self.row_bounds[row]:
+                                                                          self.row_bounds[row + 1]]):
+                tokens[b, at:at + length] = self.tokens[shard][start:start + length]
+                flags[b, at:at + length] = self.flags[shard][start:start + length]
+                segments[b, at:at + length] = n
+                at += length
+        # position t predicts token t + 1: a target only if that token is a LOSS token of the same conversation
+        is_target = (flags[:, 1:] & LOSS).astype(bool) & (segments[:, 1:] == segments[:, :-1])
+        y = np.where(is_target, tokens[:, 1:], -100)
+        x, y, seg = (torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+                     for a in (tokens[:, :-1], y, segments[:, :-1]))
+        return x, y, seg if self.pack else None
+
+
+def pack_rows(lengths, capacity):
+    """Row bounds for greedy packing in order: row r holds conversations bounds[r]..bounds[r+1]-1, whose lengths
+    sum to at most `capacity`. In order, not best-fit: the data order (and with it resume) stays the source's."""
+    bounds, used = [0], 0
+    for i, n in enumerate(lengths.tolist()):
+        if used + n > capacity:
+            bounds.append(i)
+            used = 0
+        used += n
+    bounds.append(len(lengths))
+    return np.asarray(bounds)
+
+
+def load_conversation_shard(data_dir, shard, vocab_size=None):
+    """A conversation dataset's token shard and its mask shard, checked against each other and the manifest."""
+    path = os.path.join(data_dir, shard["file"])
+    tokens = load_shard(path)
+    if "mask" not in shard:
+        raise ValueError(f"'{os.path.join(data_dir, 'manifest.json')}': shard '{shard['file']}' has no 'mask' "
+                         f"entry, but the manifest says the dataset holds conversations")
+    flags = load_mask_shard(os.path.join(data_dir, shard["mask"]["file"]))
+    if len(tokens) != shard["ntok"] or len(flags) != len(tokens):
+        raise ShardError(f"shard '{path}' holds {len(tokens)} tokens and its mask '{shard['mask']['file']}' "
+                         f"{len(flags)} flags; manifest.json says {shard['ntok']} (expected all three equal)")
+    if vocab_size is not None:
+        check_token_ids(f"shard '{path}'", int(tokens.max()), vocab_size)
+    return tokens, flags
+
+
+def conversation_val_batches(data_dir, batch_size, seq_len, num_tokens, rank=0, world_size=1, *, pack=True,
+                             device="cpu", vocab_size=None):
+    """The fixed val set of a conversation dataset: its first rows up to `num_tokens` tokens (at least one row),
+    in batches of batch_size rows (the last may be smaller); rank r yields batches r, r+W, ... The rows, and so
+    the summed losses, do not depend on the world size."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    loader = ConversationLoader(data_dir, "val", batch_size, seq_len, pack=pack, device=device,
+                                vocab_size=vocab_size)
+    row_sizes = np.diff(np.cumsum(np.append(0, loader.conversations[:, 2]))[loader.row_bounds])
+    n_rows = max(1, int(np.searchsorted(np.cumsum(row_sizes), num_tokens, side="right")))
+    starts = range(0, n_rows, batch_size)
+    return (loader.rows_batch(list(range(s, min(s + batch_size, n_rows)))) for s in starts[rank::world_size])
+
+
+def is_conversation_data(data_dir):
+    """Whether prepare.py made this dataset with --format chat or instruct (loss masks beside the tokens)."""
+    return bool(read_manifest(data_dir).get("conversations"))
 
 
 def check_data_matches_tokenizer(data_dir, tokenizer, vocab_size):

@@ -21,8 +21,11 @@ a cache moved up one layer at a time (layer_cache.py), so a rotation costs about
 LATENT=student a second cache follows the student's own distilled layers, so layer i learns from the student's
 own latent and can correct the layers before it.
 
-Phase 2, logit distillation: loss = ALPHA * KD + (1 - ALPHA) * CE(next token), KD = T^2 * KL(teacher || student)
-over the full vocabulary or exactly over the teacher's top-k ids plus the tail, a chunk of tokens at a time.
+Phase 2, logit distillation: loss = ALPHA * KD + (1 - ALPHA) * CE(next token), or CE + LOSS_MULTI * KD, with
+KD = T^2 * KL(teacher || student) over the full vocabulary or exactly over the teacher's top-k ids plus the
+tail, a chunk of tokens at a time (KD_ADAPTIVE weights it per token). On a conversation dataset (prepare.py
+--format chat | instruct) phase 2 is SFT distillation: whole conversations, CE and KD on the assistant's tokens
+only; phase 1 reads the same shards as one plain token stream.
 
 The story reads top to bottom: settings, main() (check, load, phase 1, phase 2, save), then the pieces of each
 phase. Beside it: student.py builds the student, layer_cache.py holds phase 1's cache and layer loss, losses.py
@@ -47,7 +50,8 @@ import losses
 import plot
 import teacher_cache
 from config import ConfigError, check_at_least, check_fraction, check_positive, configure
-from data import TokenLoader, check_data_matches_tokenizer, val_batches
+from data import (ConversationLoader, TokenLoader, check_data_matches_tokenizer, conversation_val_batches,
+                  is_conversation_data, val_batches)
 from hf_interop import (llama_incompatible_layers, load_model, load_tokenizer, model_width, save_pretrained,
                         tokenizer_source)
 from layer_cache import LayerCache, batch_index, check_cache_fits, layer_loss, trainable_part
@@ -95,6 +99,9 @@ CHECKPOINT_EVERY_LAYER: int = 50  # phase 1: save a resumable state every N step
 EVAL_EVERY_LAYERS: int = 0  # phase 1: end-to-end eval after every N layers (0 = only after the last layer of each rotation)
 # phase 2: end-to-end logit distillation
 ALPHA: float = 0.5  # loss = ALPHA * KD + (1 - ALPHA) * CE; 0 = CE only, and the teacher is not loaded
+LOSS_MULTI: Optional[float] = None  # set: loss = CE + LOSS_MULTI * KD instead (the SFT-distillation form; ALPHA unused)
+KD_ADAPTIVE: float = 0.0  # b: each token's KD is weighted by 1 + b * p_teacher(y) * (1 - p_student(y)), y its target
+PACK: bool = True  # conversation data: pack whole conversations into each row (attention kept inside each) or pad one per row
 TEMPERATURE: float = 1.0  # KD temperature T: KL between softmax(logits / T), times T^2
 TOP_K: int = 0  # 0 = KL over the full vocabulary; k > 0 = exact KL over the teacher's top-k ids plus one tail bucket
 TRAIN_PARAMS: Literal["all", "blocks", "mlp", "attn"] = "all"  # phase-2 trainable part: all | blocks (not embeddings/head/final norm) | mlp | attn
@@ -136,6 +143,7 @@ PHASE1_RESUMABLE_CHANGES = ("resume", "run_dir", "log_every", "keep_checkpoints"
                              "teacher_cache", "cache_k", "cache_dtype", "cache_from", "cache_shard_tokens",
                              "cache_device", "eval_every_layers",  # where the cache lives, when evals run
                              "alpha", "temperature", "top_k", "train_params", "max_steps", "lr", "warmup_steps",
+                             "loss_multi", "kd_adaptive", "pack",
                              "lr_attn", "target_tokens",
                              "grad_accum", "checkpoint_every")  # phase 2 only
 
@@ -189,7 +197,7 @@ def main(argv=None):
 
     # ---- The teacher (not loaded at all for a CE-only phase 2 whose student already exists), its tokenizer
     teacher = teacher_checkpoint = None
-    if start.run1 or (start.run2 and s.alpha > 0 and not s.teacher_cache) or start.path is None or selecting:
+    if start.run1 or (start.run2 and uses_kd(s) and not s.teacher_cache) or start.path is None or selecting:
         teacher, teacher_checkpoint = load_model(s.teacher)
         teacher.to(env.device).eval().requires_grad_(False)
         if start.run1 and width is None:  # a hub id or .gguf: its width is known only now
@@ -274,6 +282,11 @@ def check_settings(s):
     check_positive(vars(s), ("lr", "lr_layer", "temperature"))
     check_positive(vars(s), [k for k in ("lr_attn", "lr_attn_layer", "target_tokens") if getattr(s, k) is not None])
     check_fraction(vars(s), ("alpha", "cooldown_frac", "min_lr_frac", "betas"))
+    check_at_least(vars(s), 0.0, ("kd_adaptive",) if s.loss_multi is None else ("kd_adaptive", "loss_multi"))
+    s.conversations = is_conversation_data(s.data_dir)  # SFT distillation: assistant tokens, whole conversations
+    if s.conversations and (s.teacher_cache or s.phases in ("cache", "select")):
+        raise ConfigError(f"'{s.data_dir}' holds conversations (SFT data); the teacher cache and --phases select "
+                          f"read plain token windows: use them with a --format text dataset")
     if s.mlp_hidden is not None and s.mlp_hidden < 1:
         raise ConfigError(f"mlp_hidden = {s.mlp_hidden}; expected a positive int or none")
     if s.window is not None and s.window < 1:
@@ -283,6 +296,11 @@ def check_settings(s):
     if s.init_from and s.resume:
         raise ConfigError(f"resume and init_from ({s.init_from!r}) both given: --resume continues run_dir "
                           f"'{s.run_dir}' from its own state; drop one of them")
+
+
+def uses_kd(s):
+    """Whether phase 2's loss has a KD term, and so needs the teacher (live or cached)."""
+    return (s.loss_multi if s.loss_multi is not None else s.alpha) > 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,9 +337,14 @@ def describe_models(s, teacher, student, env, dtype):
 # ----------------------------------------------------------------------------------------------------------
 # Evals and saves, the same in both phases
 
-def val_windows(run):
-    """The fixed val windows of this rank: the same tokens on every eval and for any world size."""
+def val_windows(run, plain=False):
+    """The fixed val windows of this rank: the same tokens on every eval and for any world size. Conversation
+    data gives its val conversations (x, y, segments), except with `plain` (phase 1's token stream)."""
     s, env = run.s, run.env
+    if s.conversations and not plain:
+        return conversation_val_batches(s.data_dir, s.batch_size, s.seq_len, s.eval_tokens, env.rank,
+                                        env.world_size, pack=s.pack, device=env.device,
+                                        vocab_size=run.student.config.vocab_size)
     return val_batches(s.data_dir, s.batch_size, s.seq_len, s.eval_tokens, env.rank, env.world_size,
                        device=env.device, vocab_size=run.student.config.vocab_size)
 
@@ -374,7 +397,7 @@ def run_phase1(run, layers, checkpoint, resume_path):
     s, env, t0 = run.s, run.env, time.perf_counter()
     loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
                          vocab_size=run.student.config.vocab_size)  # on the host: batches feed the cache
-    val_tokens = [x.cpu() for x, _ in val_windows(run)]
+    val_tokens = [x.cpu() for x, _ in val_windows(run, plain=True)]
     progress, total_steps, optimizer_state = {"rotation": 0, "position": 0, "step": 0}, 0, None
     window = s.batch_size * s.seq_len * env.world_size
     say(f"phase 1 budget: {s.rotations} rotation(s) x {s.num_batches} batches x {window:,} tokens = "
@@ -527,8 +550,14 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
     student.train()
     params = set_trainable(student, phase2_target(student, s.train_params))
     optimizer = student.configure_optimizer(s.lr, s.weight_decay, s.betas, env.device_type, s.lr_attn)
-    loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
-                         device=env.device, vocab_size=student.config.vocab_size)
+    if s.conversations:  # SFT: phase 1's plain token stream says nothing about where its rows are
+        loader = ConversationLoader(s.data_dir, "train", s.batch_size, s.seq_len, pack=s.pack, rank=env.rank,
+                                    world_size=env.world_size, device=env.device,
+                                    vocab_size=student.config.vocab_size)
+        loader_state = None
+    else:
+        loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
+                             device=env.device, vocab_size=student.config.vocab_size)
     step = 0
     if resume_path is not None:
         step = resume_phase2(run, checkpoint, resume_path, optimizer, loader)
@@ -538,11 +567,16 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
         evaluate_student(run, "phase 2 start (undistilled student)", 2, 0)
     model = DDP(student, device_ids=[env.local_rank] if env.device_type == "cuda" else None) if env.ddp else student
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * env.world_size
-    if run.cache is not None and s.alpha > 0:  # refused now, not at the step that would read past it
+    if run.cache is not None and uses_kd(s):  # refused now, not at the step that would read past it
         end = loader.position + (s.max_steps - step) * tokens_per_step
         run.cache.check_covers("train", loader.position, end, f"; write one for this phase 2 with --phases cache "
                                f"and the same settings (--cache-from {loader.position})")
-    say(f"phase 2: steps {step} -> {s.max_steps} | alpha {s.alpha} | T {s.temperature} | "
+    form = f"alpha {s.alpha}" if s.loss_multi is None else f"loss = CE + {s.loss_multi} x KD"
+    form += f" | kd_adaptive {s.kd_adaptive}" if s.kd_adaptive else ""
+    if s.conversations:
+        form += (f" | SFT: {len(loader.conversations):,} conversations in {loader.n_rows:,} rows "
+                 f"({'packed' if s.pack else 'padded'}), assistant tokens only")
+    say(f"phase 2: steps {step} -> {s.max_steps} | {form} | T {s.temperature} | "
         f"{'top-' + str(s.top_k) if s.top_k else 'full-vocab'} KL | trainable {s.train_params} "
         f"({sum(p.numel() for p in params) / 1e6:.2f}M) | {tokens_per_step:,} tokens/step")
     bar = tqdm(total=s.max_steps, initial=step, disable=not env.is_master, desc="phase 2", unit="step",
@@ -553,14 +587,14 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
                    min_lr_frac=s.min_lr_frac)
         set_lr(optimizer, lr)
         sums = torch.zeros(3, device=env.device)  # loss, CE, KD
-        for x, y, sync in micro_batches(model, loader, s.grad_accum, env):
+        for x, y, segments, sync in micro_batches(model, loader, s.grad_accum, env):
             with sync:
-                loss, ce, kd = phase2_loss(run, model, x, y, loader.last_start)
+                loss, ce, kd = phase2_loss(run, model, x, y, segments, getattr(loader, "last_start", None))
                 (loss / s.grad_accum).backward()
             sums += torch.stack([loss.detach(), ce, kd]) / s.grad_accum
         (loss, ce, kd), norm = guarded_step(optimizer, sums, env, s.grad_clip, s.run_dir, step)
         step += 1
-        run.metrics.write(phase=2, step=step, loss=loss, ce=ce, kd=kd if s.alpha > 0 else None, lr=lr,
+        run.metrics.write(phase=2, step=step, loss=loss, ce=ce, kd=kd if uses_kd(s) else None, lr=lr,
                           grad_norm=norm, alpha=s.alpha, tokens_per_s=throughput.step()[1], epoch=loader.epoch)
         bar.update(1)
         if loader.epoch != epoch:
@@ -568,7 +602,7 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
             say(f"phase 2 step {step}: the train stream wrapped around; epoch {epoch} begins")
         if step % s.log_every == 0 or step == s.max_steps:
             say(f"phase 2 step {step} | epoch {loader.epoch} | loss {loss:.4f} | ce {ce:.4f}"
-                + (f" | kd {kd:.4f}" if s.alpha > 0 else "") + f" | lr {lr:.2e} | grad norm {norm:.3f} | "
+                + (f" | kd {kd:.4f}" if uses_kd(s) else "") + f" | lr {lr:.2e} | grad norm {norm:.3f} | "
                 f"{throughput.window_rate():,.0f} tok/s")
         if (s.checkpoint_every > 0 and step % s.checkpoint_every == 0) or step == s.max_steps:
             result = evaluate_student(run, f"phase 2 step {step}", 2, step)
@@ -579,22 +613,23 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
     bar.close()
 
 
-def phase2_loss(run, model, x, y, offset):
-    """(loss, ce, kd) of one micro-batch (the window at train stream `offset`): the student's hidden states
-    through `model` (DDP-wrapped or not), the teacher's without grad or its cached entries, both heads applied a
-    chunk of tokens at a time."""
+def phase2_loss(run, model, x, y, segments, offset):
+    """(loss, ce, kd) of one micro-batch (the window at train stream `offset`, or packed conversations with
+    their `segments`): the student's hidden states through `model` (DDP-wrapped or not), the teacher's without
+    grad or its cached entries, both heads applied a chunk of tokens at a time."""
     s = run.s
     teacher = entries = None
-    if s.alpha > 0 and run.cache is not None:
+    if uses_kd(s) and run.cache is not None:
         entries = teacher_cache.narrow_entries(*run.cache.entries("train", offset, x.numel(), run.env.device),
                                                s.top_k or run.cache.k)
     with run.ctx:
-        hidden = model(x).flatten(0, 1)
-        if s.alpha > 0 and run.cache is None:
+        hidden = model(x, segments=segments).flatten(0, 1)
+        if uses_kd(s) and run.cache is None:
             with torch.no_grad():
-                teacher = (run.teacher(x).flatten(0, 1), run.teacher.lm_head.weight)
+                teacher = (run.teacher(x, segments=segments).flatten(0, 1), run.teacher.lm_head.weight)
         return losses.head_loss(hidden, run.student.lm_head.weight, y.reshape(-1), teacher=teacher,
-                                teacher_entries=entries, alpha=s.alpha, temperature=s.temperature, top_k=s.top_k,
+                                teacher_entries=entries, alpha=s.alpha, loss_multi=s.loss_multi,
+                                adaptive=s.kd_adaptive, temperature=s.temperature, top_k=s.top_k,
                                 chunk_rows=s.loss_chunk)
 
 

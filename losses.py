@@ -70,16 +70,19 @@ def kd_rows(student_logits, teacher_logits, temperature, top_k):
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
-    """Mean over tokens of alpha * KD + (1 - alpha) * CE of (hidden @ weight.T), one chunk of rows at a time.
+    """ce_weight * CE + kd_weight * KD of (hidden @ weight.T), means over the target tokens, one chunk of rows at
+    a time. With `adaptive` = b > 0 each token's KD is weighted by 1 + b * p_teacher(y) * (1 - p_student(y)) (y
+    the target, both at T = 1, no gradient through the weight): more where the teacher is sure of the right
+    token and the student is not.
 
     The gradient with respect to a chunk's logits is built in forward (CE's softmax - onehot in closed form,
     KD's through autograd on the logits alone), then pushed through the head matmul by hand; backward only
-    scales what forward stored. Returns (loss, mean CE, mean KD); the last two are for logging.
+    scales what forward stored. Returns (loss, mean CE, mean weighted KD); the last two are for logging.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, teacher, options):
-        alpha, temperature, top_k, chunk_rows, need_hidden_grad, need_weight_grad = options
+        ce_weight, kd_weight, adaptive, temperature, top_k, chunk_rows, need_hidden_grad, need_weight_grad = options
         valid = targets != -100
         n_valid = valid.sum().clamp(min=1)
         sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)  # CE, KD
@@ -94,22 +97,27 @@ class ChunkedHeadLoss(torch.autograd.Function):
             log_z = torch.logsumexp(logits, dim=-1)
             sums[0] += ((log_z - logits.gather(1, safe_t[:, None]).squeeze(1)) * ok).sum()
             kd_grad = None
-            if alpha > 0:
+            if kd_weight > 0:
+                token_weight = ok.float()
+                if adaptive > 0:
+                    p_student = (logits.gather(1, safe_t[:, None]).squeeze(1) - log_z).exp()
+                    p_teacher = teacher_target_logprob(teacher, rows, safe_t).exp()
+                    token_weight = token_weight * (1 + adaptive * p_teacher * (1 - p_student))
                 with torch.enable_grad():
                     student_logits = logits.detach().requires_grad_(need_grad)
-                    kd = (teacher_kd(teacher, rows, student_logits, temperature, top_k) * ok).sum()
+                    kd = (teacher_kd(teacher, rows, student_logits, temperature, top_k) * token_weight).sum()
                     if need_grad:
                         (kd_grad,) = torch.autograd.grad(kd, student_logits)
                 sums[1] += kd.detach()
                 del student_logits, kd  # a chunk of vocab-wide rows: freed before g is built
             if not need_grad:
                 continue
-            # d(mean loss)/d logits: (1 - alpha) (softmax - onehot) on valid rows, plus alpha * dKD, over n_valid
+            # d(mean loss)/d logits: ce_weight (softmax - onehot) on valid rows, plus kd_weight dKD, over n_valid
             g = logits.sub_(log_z[:, None]).exp_()
             g[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-            g *= ((1 - alpha) * ok.float())[:, None]
+            g *= (ce_weight * ok.float())[:, None]
             if kd_grad is not None:
-                g.add_(kd_grad, alpha=alpha)  # in place, as below: no second chunk-sized temporary
+                g.add_(kd_grad, alpha=kd_weight)  # in place, as below: no second chunk-sized temporary
                 del kd_grad
             g = g.div_(n_valid).to(weight.dtype)
             if need_hidden_grad:
@@ -119,7 +127,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         ce_mean, kd_mean = sums[0] / n_valid, sums[1] / n_valid
         ctx.mark_non_differentiable(ce_mean, kd_mean)
-        return alpha * kd_mean + (1 - alpha) * ce_mean, ce_mean, kd_mean
+        return ce_weight * ce_mean + kd_weight * kd_mean, ce_mean, kd_mean
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kd):
@@ -127,6 +135,16 @@ class ChunkedHeadLoss(torch.autograd.Function):
         return (None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype),
                 None if grad_weight is None else grad_weight * grad_loss.to(grad_weight.dtype),
                 None, None, None)
+
+
+def teacher_target_logprob(teacher, rows, targets):
+    """The teacher's log-probability (T = 1) of each row's target token: from its logits, or the cache's."""
+    kind, a, b = teacher
+    if kind == "cache":
+        return b[rows][:, -1].float()  # teacher_cache.py stores it last in each entry's values
+    with torch.no_grad():
+        teacher_logits = (a[rows] @ b.t()).float()
+    return teacher_logits.gather(1, targets[:, None]).squeeze(1) - teacher_logits.logsumexp(-1)
 
 
 def teacher_kd(teacher, rows, student_logits, temperature, top_k):
@@ -140,21 +158,25 @@ def teacher_kd(teacher, rows, student_logits, temperature, top_k):
     return kd_rows(student_logits, teacher_logits, temperature, top_k)
 
 
-def head_loss(hidden, weight, targets, *, teacher=None, teacher_entries=None, alpha=0.0, temperature=1.0, top_k=0,
-              chunk_rows=1024):
-    """(loss, ce, kd) for hidden states (N, C), head weight (V, C) and next-token targets (N,), -100 ignored.
-    When alpha > 0 the teacher is either `teacher` = (teacher_hidden, teacher_weight) or `teacher_entries` =
-    (ids, values) from a teacher cache; loss = alpha * KD + (1 - alpha) * CE with KD = T^2 * KL(teacher ||
-    student), over the full vocabulary (top_k = 0) or top-k + tail (a cache: its k + tail, kl_cached)."""
-    if alpha > 0 and teacher is None and teacher_entries is None:
-        raise ValueError(f"alpha = {alpha} mixes in KD, which needs the teacher's hidden states and head weight "
-                         f"or its cached entries")
+def head_loss(hidden, weight, targets, *, teacher=None, teacher_entries=None, alpha=0.0, loss_multi=None,
+              adaptive=0.0, temperature=1.0, top_k=0, chunk_rows=1024):
+    """(loss, ce, kd) for hidden states (N, C), head weight (V, C) and next-token targets (N,), -100 ignored
+    (SFT: every token but the assistant's). loss = alpha * KD + (1 - alpha) * CE, or with `loss_multi` set
+    CE + loss_multi * KD; KD = T^2 * KL(teacher || student) over the full vocabulary (top_k = 0) or top-k + tail
+    (a cache: its k + tail, kl_cached), per token weighted by 1 + adaptive * p_teacher(y) * (1 - p_student(y))
+    (ChunkedHeadLoss). The teacher is `teacher` = (teacher_hidden, teacher_weight) or `teacher_entries` =
+    (ids, values) from a teacher cache."""
+    ce_weight, kd_weight = (1.0, float(loss_multi)) if loss_multi is not None else (1.0 - alpha, float(alpha))
+    if kd_weight > 0 and teacher is None and teacher_entries is None:
+        raise ValueError(f"a KD weight of {kd_weight} mixes in KD, which needs the teacher's hidden states and head "
+                         f"weight or its cached entries")
     source = ("cache", *teacher_entries) if teacher_entries is not None else \
         ("live", *teacher) if teacher is not None else None
     # autograd.Function.forward runs with grad disabled, so which gradients to build is decided here
     need_h = torch.is_grad_enabled() and hidden.requires_grad
     need_w = torch.is_grad_enabled() and weight.requires_grad
-    options = (float(alpha), float(temperature), int(top_k), int(chunk_rows), need_h, need_w)
+    options = (ce_weight, kd_weight, float(adaptive), float(temperature), int(top_k), int(chunk_rows), need_h,
+               need_w)
     return ChunkedHeadLoss.apply(hidden, weight, targets, source, options)
 
 
@@ -165,9 +187,9 @@ def teacher_val_hidden(teacher, batches, ctx):
     SmolLM2). Memory per rank: eval tokens / world size x n_embd x 4 bytes in fp32 (2 in bf16), e.g. 65,536
     tokens x 576 = 151 MB (SmolLM2-135M, fp32), on the device."""
     hidden = []
-    for x, _ in batches:
+    for x, _, *segments in batches:  # conversation batches carry segments (data.py)
         with ctx:
-            hidden.append(teacher(x).flatten(0, 1))
+            hidden.append(teacher(x, segments=segments[0] if segments else None).flatten(0, 1))
     return hidden
 
 
@@ -182,36 +204,39 @@ def evaluate(model, batches, env, ctx, *, chunk_rows=1024, teacher=None, teacher
     was_training = model.training
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=env.device)  # CE, teacher CE, KL, agree, tokens
-    for n, (x, y) in enumerate(batches):
+    for n, (x, y, *segments) in enumerate(batches):  # conversation batches carry segments (data.py)
+        segments = segments[0] if segments else None
         with ctx:
-            hs = model(x).flatten(0, 1)
+            hs = model(x, segments=segments).flatten(0, 1)
             ht = None
             if teacher is not None:
-                ht = teacher_hidden[n] if teacher_hidden is not None else teacher(x).flatten(0, 1)
+                ht = teacher_hidden[n] if teacher_hidden is not None else \
+                    teacher(x, segments=segments).flatten(0, 1)
         y = y.reshape(-1)
         for start in range(0, len(y), chunk_rows):
             rows = slice(start, start + chunk_rows)
+            ok = y[rows] != -100  # SFT data: only the assistant's tokens count
             with ctx:
                 ls = (hs[rows] @ model.lm_head.weight.t()).float()
             sums[0] += F.cross_entropy(ls, y[rows], reduction="sum").double()
-            sums[4] += len(y[rows])
+            sums[4] += ok.sum()
             if teacher is not None:
                 with ctx:
                     lt = (ht[rows] @ teacher.lm_head.weight.t()).float()
                 sums[1] += F.cross_entropy(lt, y[rows], reduction="sum").double()
-                sums[2] += kl_full(ls, lt).sum().double()
-                sums[3] += (ls.argmax(-1) == lt.argmax(-1)).sum().double()
+                sums[2] += (kl_full(ls, lt) * ok).sum().double()
+                sums[3] += ((ls.argmax(-1) == lt.argmax(-1)) & ok).sum().double()
             elif teacher_entries is not None:
                 ids, values = (t[rows] for t in teacher_entries[n])
-                sums[1] -= values[:, -1].sum().double()
-                sums[2] += kl_cached(ls, ids, values).sum().double()
-                sums[3] += (ls.argmax(-1) == ids[:, 0]).sum().double()
+                sums[1] -= (values[:, -1] * ok).sum().double()
+                sums[2] += (kl_cached(ls, ids, values) * ok).sum().double()
+                sums[3] += ((ls.argmax(-1) == ids[:, 0]) & ok).sum().double()
     if env.ddp:
         torch.distributed.all_reduce(sums)
     model.train(was_training)
     n = sums[4].clamp(min=1)
     ce = (sums[0] / n).item()
-    result = {"val_ce": ce, "val_ppl": math.exp(ce)}
+    result = {"val_ce": ce, "val_ppl": math.exp(ce), "val_tokens": int(sums[4].item())}
     if teacher is not None or teacher_entries is not None:
         result.update(teacher_ce=(sums[1] / n).item(), kl=(sums[2] / n).item(), top1_agree=(sums[3] / n).item())
     return result

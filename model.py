@@ -118,6 +118,24 @@ def sliding_window_attention(q, k, v, window, mask_cache):
     return out.transpose(1, 2).reshape(B, H, n_blocks * block, D)[:, :, :T]
 
 
+def segment_positions(segments):
+    """(B, T) position of each token within its segment (a packed conversation): RoPE restarts at 0 in each."""
+    t = torch.arange(segments.shape[1], device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return t - torch.where(starts, t, 0).cummax(dim=1).values
+
+
+def segment_mask(segments, window):
+    """(B, 1, T, T) bool: query t sees key s iff both are in the same segment, s <= t and t - s < window (None:
+    no window). Dense, O(T^2) per row: packed batches are SFT's short rows, not long-context training."""
+    t = torch.arange(segments.shape[1], device=segments.device)
+    allowed = t[None, :] <= t[:, None]
+    if window is not None:
+        allowed = allowed & (t[:, None] - t[None, :] < window)
+    return ((segments[:, :, None] == segments[:, None, :]) & allowed).unsqueeze(1)
+
+
 def decode_attention(q, k, v):
     """One query position (B, H, 1, D) against every cached key/value (B, Hkv, S, D), no mask needed."""
     if not torch.compiler.is_compiling():
@@ -140,7 +158,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
         self.mask_cache = {}
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, mask=None):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
                                      self.n_kv_head * self.head_dim], dim=-1)
@@ -154,7 +172,9 @@ class Attention(nn.Module):
         else:
             if cache is not None:  # prefill: attend as usual, then keep what later tokens will need
                 cache.append(k, v)
-            if self.window is None or self.window >= T:
+            if mask is not None:  # packed conversations: segment_mask, this layer's window included
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            elif self.window is None or self.window >= T:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:
                 y = sliding_window_attention(q, k, v, self.window, self.mask_cache)
@@ -237,13 +257,13 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(config.n_embd, eps=config.rms_norm_eps)
         self.mlp = make_mlp(config.n_embd, config.mlp_kind[layer], config.mlp_hidden[layer])
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, mask=None):
         B, T, C = x.shape
         # The residual stream runs as (B*T, C) rows. Same math; but under torch.compile a norm output of shape
         # (1, 1, C) reaches the next matmul as a stride-0 (1, C) view, which the matmul copies first: two copies
         # per layer per decoded token.
         x = x.reshape(B * T, C)
-        x = x + self.attn(self.attn_norm(x).view(B, T, C), cos, sin, cache).view(B * T, C)
+        x = x + self.attn(self.attn_norm(x).view(B, T, C), cos, sin, cache, mask).view(B * T, C)
         x = x + self.mlp(self.mlp_norm(x))
         return x.view(B, T, C)
 
@@ -331,25 +351,35 @@ class GPT(nn.Module):
         cos, sin = self.rope_cache[device]
         return cos[start:end], sin[start:end]
 
-    def forward(self, idx, cache=None):
+    def forward(self, idx, cache=None, segments=None):
         """idx (B, T) -> the final normed hidden states (B, T, n_embd). Callers apply the LM head: `logits`
-        for generation, losses.py in chunks of tokens for training and eval."""
+        for generation, losses.py in chunks of tokens for training and eval. `segments` (B, T) ints mark the
+        packed conversations of each row: attention stays inside a segment and positions restart in each."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start > 0 and T > 1:  # decoding attends to every cached key without a mask: one new token only
             raise ValueError(f"KV cache holds {start} positions: after the prefill, feed one token per call "
                              f"(got {T}); for a longer continuation start a new cache and prefill it all")
         cos, sin = self.rope(start, T, idx.device)
+        masks = {}
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segments (packed conversations) are for training and eval; generation with a KV "
+                                 "cache takes one sequence per row")
+            positions = segment_positions(segments)
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, head_dim)
+            masks = {w: segment_mask(segments, w) for w in set(self.config.window)}  # built once per forward
         x = self.embed(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache.layers[i] if cache is not None else None)
+            x = block(x, cos, sin, cache.layers[i] if cache is not None else None,
+                      masks.get(self.config.window[i]))
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
 
-    def logits(self, idx, cache=None):
+    def logits(self, idx, cache=None, segments=None):
         """idx (B, T) -> logits (B, T, vocab)."""
-        return self.lm_head(self(idx, cache))
+        return self.lm_head(self(idx, cache, segments))
 
     def new_cache(self, batch_size, max_len, device, dtype):
         return KVCache(self.config, batch_size, max_len, device, dtype)

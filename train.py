@@ -5,11 +5,14 @@ from one of our checkpoints; on one device or many through torchrun (DDP: NCCL o
     torchrun --standalone --nproc_per_node 8 train.py --config configs/train_smollm2_135m_fineweb.yaml
     python train.py --config configs/train_smollm2_135m_fineweb.yaml --resume          # continue exactly
     python train.py --eval-only --init-from runs/smollm2_fineweb --data-dir data/fineweb_edu   # perplexity
+    python train.py --config configs/sft_smollm2_chat.yaml    # SFT: a --format chat dataset, assistant-only loss
 
 The story: read the config, set up the device and DDP, load the model and its tokenizer, refuse shards that do
 not match, restore the training state if resuming, then loop (batches, forward, backward, clip, step, log,
 eval, checkpoint) and finish with an eval and a checkpoint. Data order is a pure function of (rank, world
 size, step): the loader's whole state is one stream position, saved in every checkpoint, so resume is exact.
+A conversation dataset (prepare.py --format chat | instruct) is SFT: whole conversations per row, packed with
+block-diagonal attention (PACK) or padded, and the loss and the evals count the assistant's tokens only.
 """
 import dataclasses
 import json
@@ -26,8 +29,8 @@ import checkpoints
 import losses
 import plot
 from config import ConfigError, check_at_least, check_fraction, check_positive, configure
-from data import (ShardError, TokenLoader, check_data_matches_tokenizer, check_token_ids, largest_token_id,
-                  read_manifest, val_batches)
+from data import (ConversationLoader, ShardError, TokenLoader, check_data_matches_tokenizer, check_token_ids,
+                  conversation_val_batches, is_conversation_data, largest_token_id, read_manifest, val_batches)
 from hf_interop import load_model, load_tokenizer, tokenizer_source
 from model import GPT, GPTConfig
 from runtime import autocast, peak_flops, resolve_dtype, say, setup_device, shutdown
@@ -45,7 +48,8 @@ DATA_DIR: str = "data/fineweb_edu"  # shards and manifest.json written by prepar
 RESUME: bool = False  # continue RUN_DIR's latest checkpoint exactly: weights, optimizer, step, data position, RNG
 IGNORE_PRIOR_SCHEDULE: bool = False  # INIT_FROM a checkpoint: take its weights only; step, optimizer, data start fresh
 EVAL_ONLY: bool = False  # evaluate INIT_FROM (or, with --resume, RUN_DIR's latest) on EVAL_TOKENS val tokens and exit
-BATCH_SIZE: int = 8  # sequences per micro-batch per process
+BATCH_SIZE: int = 8  # sequences (rows) per micro-batch per process
+PACK: bool = True  # conversation data: pack whole conversations into each row (attention kept inside each) or pad one per row
 SEQ_LEN: int = 1024  # tokens per sequence
 GRAD_ACCUM: int = 1  # micro-batches per optimizer step; tokens per step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * world size
 MAX_STEPS: int = 1000  # optimizer steps in the whole run (ignored when TARGET_TOKENS is set)
@@ -152,8 +156,9 @@ vocab_size = model_config.vocab_size
 # Refuse data made with another tokenizer, or holding ids the embedding does not have, before step 0.
 check_data_matches_tokenizer(DATA_DIR, tokenizer, vocab_size)
 manifest = read_manifest(DATA_DIR)
+conversations = is_conversation_data(DATA_DIR)  # SFT: assistant-only loss on whole conversations
 val_available = sum(s["ntok"] for s in manifest["shards"] if s["split"] == "val")
-if min(EVAL_TOKENS, val_available) < BATCH_SIZE * SEQ_LEN + 1:  # refused now rather than at the first eval
+if not conversations and min(EVAL_TOKENS, val_available) < BATCH_SIZE * SEQ_LEN + 1:  # refused now, not at an eval
     raise ConfigError(f"eval_tokens = {EVAL_TOKENS} and '{DATA_DIR}' has {val_available} val tokens, but one "
                              f"eval window is batch_size x seq_len + 1 = {BATCH_SIZE * SEQ_LEN + 1} tokens")
 # Every shard is read once now, each rank its share: a bad header or an id the model lacks stops the run before
@@ -177,17 +182,19 @@ chunk_rows = losses.default_chunk_rows(vocab_size)  # the LM head runs on this m
 
 
 def evaluate(eval_model):
-    """Mean val loss over the first EVAL_TOKENS val tokens; the same windows for any world size."""
-    batches = val_batches(DATA_DIR, BATCH_SIZE, SEQ_LEN, EVAL_TOKENS, env.rank, env.world_size, device=env.device,
-                          vocab_size=vocab_size)
-    return losses.evaluate(eval_model, batches, env, ctx, chunk_rows=chunk_rows)["val_ce"]
+    """Mean val loss over the first EVAL_TOKENS val tokens (conversations: over their assistant tokens) and the
+    number of tokens it counted; the same windows for any world size."""
+    batch_source = conversation_val_batches if conversations else val_batches
+    options = {"pack": PACK} if conversations else {}
+    batches = batch_source(DATA_DIR, BATCH_SIZE, SEQ_LEN, EVAL_TOKENS, env.rank, env.world_size, device=env.device,
+                           vocab_size=vocab_size, **options)
+    result = losses.evaluate(eval_model, batches, env, ctx, chunk_rows=chunk_rows)
+    return result["val_ce"], result["val_tokens"]
 
 
 if EVAL_ONLY:
     t0 = time.perf_counter()
-    val_loss = evaluate(raw_model)
-    window = BATCH_SIZE * SEQ_LEN  # val_batches takes whole windows of the first EVAL_TOKENS val tokens
-    val_tokens = (min(EVAL_TOKENS, val_available) - 1) // window * window
+    val_loss, val_tokens = evaluate(raw_model)
     if master:
         print("eval_only: " + json.dumps({"model": start_source, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
                                           "val_tokens": val_tokens, "seconds": round(time.perf_counter() - t0, 2)}))
@@ -202,8 +209,12 @@ max_steps = math.ceil(TARGET_TOKENS / tokens_per_step) if TARGET_TOKENS is not N
 config["max_steps"] = max_steps  # what the schedule actually uses, saved with the run
 optimizer = raw_model.configure_optimizer(LR, WEIGHT_DECAY, BETAS, env.device_type, LR_ATTN)
 # every train shard was scanned for ids >= vocab_size before step 0, so the loader need not scan them again
-loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, rank=env.rank, world_size=env.world_size,
-                     device=env.device)
+if conversations:
+    loader = ConversationLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, pack=PACK, rank=env.rank,
+                                world_size=env.world_size, device=env.device)
+else:
+    loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, rank=env.rank, world_size=env.world_size,
+                         device=env.device)
 
 step = 0  # optimizer steps done; the LR schedule and the checkpoint names count these
 continue_schedule = checkpoint is not None and not IGNORE_PRIOR_SCHEDULE
@@ -281,10 +292,13 @@ say(f"model: {start_source} | {raw_model.num_params() / 1e6:.2f}M params | vocab
     f"device {env.device} x{env.world_size} | {str(dtype).replace('torch.', '')}")
 say(f"tokens per step: {tokens_per_step:,} = batch {BATCH_SIZE} x seq {SEQ_LEN} x accum {GRAD_ACCUM} x world "
     f"{env.world_size} | steps {step} -> {max_steps} | {max_steps * tokens_per_step:,} tokens in total")
+if conversations:
+    say(f"SFT: {len(loader.conversations):,} train conversations in {loader.n_rows:,} rows "
+        f"({'packed' if PACK else 'padded, one per row'}); loss on the assistant's tokens only")
 
 val_loss = None
 if step == 0 and EVAL_EVERY > 0 and max_steps > 0:
-    val_loss = evaluate(eval_model)
+    val_loss, _ = evaluate(eval_model)
     log_eval(0, val_loss)
 
 progress = tqdm(total=max_steps, initial=step, disable=not master, desc="train", unit="step", dynamic_ncols=True)
@@ -297,10 +311,10 @@ while step < max_steps:
     # Micro-step k of rank r reads loader window (step * GRAD_ACCUM + k) * world + r, so one process with
     # GRAD_ACCUM = 2 sees exactly the tokens two processes with GRAD_ACCUM = 1 see at the same step.
     loss_sum = torch.zeros((), device=env.device)
-    for x, y, sync in micro_batches(model, loader, GRAD_ACCUM, env):
+    for x, y, segments, sync in micro_batches(model, loader, GRAD_ACCUM, env):
         with sync:
             with ctx:
-                hidden = model(x).flatten(0, 1)
+                hidden = model(x, segments=segments).flatten(0, 1)
                 loss, _, _ = losses.head_loss(hidden, raw_model.lm_head.weight, y.reshape(-1), chunk_rows=chunk_rows)
             (loss / GRAD_ACCUM).backward()
         loss_sum += loss.detach()
@@ -326,7 +340,7 @@ while step < max_steps:
         save(step)  # before the eval: an eval that fails loses no training
         last_saved, paused = step, True
     if (EVAL_EVERY > 0 and step % EVAL_EVERY == 0) or step == max_steps:
-        val_loss = evaluate(eval_model)
+        val_loss, _ = evaluate(eval_model)
         log_eval(step, val_loss)
         paused = True
     if paused:  # evals and saves are not training time: leave them out of the tokens/s that follow

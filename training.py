@@ -46,11 +46,13 @@ def set_lr(optimizer, lr):
 
 
 def micro_batches(model, loader, grad_accum, env):
-    """(x, y, sync) for each micro-batch of one optimizer step. Run forward and backward inside `with sync:`:
-    under DDP the gradients are all-reduced once, in the last micro-batch's backward."""
+    """(x, y, segments, sync) for each micro-batch of one optimizer step; segments is None except for packed
+    conversations (data.ConversationLoader). Run forward and backward inside `with sync:`: under DDP the
+    gradients are all-reduced once, in the last micro-batch's backward."""
     for micro in range(grad_accum):
-        x, y = loader.next_batch()
-        yield x, y, model.no_sync() if env.ddp and micro < grad_accum - 1 else contextlib.nullcontext()
+        x, y, *segments = loader.next_batch()
+        yield (x, y, segments[0] if segments else None,
+               model.no_sync() if env.ddp and micro < grad_accum - 1 else contextlib.nullcontext())
 
 
 def all_reduce_gradients(params, env):

@@ -49,7 +49,8 @@ def test_eval_matches_full_logit_cross_entropy_kl_and_top1_agreement(cached_teac
     teacher_hidden = losses.teacher_val_hidden(teacher, batches, contextlib.nullcontext()) if cached_teacher else None
     got = losses.evaluate(student, batches, runtime.setup_device("cpu"), contextlib.nullcontext(), chunk_rows=7,
                           teacher=teacher, teacher_hidden=teacher_hidden)  # 7 rows: chunks straddle the batches
-    assert set(got) == {"val_ce", "val_ppl", "teacher_ce", "kl", "top1_agree"}
+    assert set(got) == {"val_ce", "val_ppl", "val_tokens", "teacher_ce", "kl", "top1_agree"}
+    assert got["val_tokens"] == sum(y.numel() for _, y in batches)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert got["val_ppl"] == pytest.approx(math.exp(expected["val_ce"]), rel=1e-5)
@@ -61,7 +62,7 @@ def test_eval_without_a_teacher_reports_only_the_models_own_cross_entropy():
     batches = val_batches()
     got = losses.evaluate(student, batches, runtime.setup_device("cpu"), contextlib.nullcontext(), chunk_rows=5)
     expected = reference(student, student, batches)
-    assert set(got) == {"val_ce", "val_ppl"}
+    assert set(got) == {"val_ce", "val_ppl", "val_tokens"}
     assert got["val_ce"] == pytest.approx(expected["val_ce"], rel=1e-5)
     assert got["val_ppl"] == pytest.approx(math.exp(expected["val_ce"]), rel=1e-5)
     assert not student.training
