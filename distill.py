@@ -171,6 +171,7 @@ class Run:
 def main(argv=None):
     t0 = time.perf_counter()
     s, config = read_settings(argv)
+    check_data_kind(s)
     env = setup_device(s.device)
     dtype = resolve_dtype(s.dtype, env.device_type)
     if dtype == torch.float16:
@@ -283,10 +284,7 @@ def check_settings(s):
     check_positive(vars(s), [k for k in ("lr_attn", "lr_attn_layer", "target_tokens") if getattr(s, k) is not None])
     check_fraction(vars(s), ("alpha", "cooldown_frac", "min_lr_frac", "betas"))
     check_at_least(vars(s), 0.0, ("kd_adaptive",) if s.loss_multi is None else ("kd_adaptive", "loss_multi"))
-    s.conversations = is_conversation_data(s.data_dir)  # SFT distillation: assistant tokens, whole conversations
-    if s.conversations and (s.teacher_cache or s.phases in ("cache", "select")):
-        raise ConfigError(f"'{s.data_dir}' holds conversations (SFT data); the teacher cache and --phases select "
-                          f"read plain token windows: use them with a --format text dataset")
+    s.conversations = False  # whether DATA_DIR holds conversations: main() reads its manifest (check_data_kind)
     if s.mlp_hidden is not None and s.mlp_hidden < 1:
         raise ConfigError(f"mlp_hidden = {s.mlp_hidden}; expected a positive int or none")
     if s.window is not None and s.window < 1:
@@ -296,6 +294,15 @@ def check_settings(s):
     if s.init_from and s.resume:
         raise ConfigError(f"resume and init_from ({s.init_from!r}) both given: --resume continues run_dir "
                           f"'{s.run_dir}' from its own state; drop one of them")
+
+
+def check_data_kind(s):
+    """A conversation dataset (prepare.py --format chat | instruct) makes phase 2 SFT distillation: assistant
+    tokens only, whole conversations per row. What reads plain token windows refuses it."""
+    s.conversations = is_conversation_data(s.data_dir)
+    if s.conversations and (s.teacher_cache or s.phases in ("cache", "select")):
+        raise ConfigError(f"'{s.data_dir}' holds conversations (SFT data); the teacher cache and --phases select "
+                          f"read plain token windows: use them with a --format text dataset")
 
 
 def uses_kd(s):

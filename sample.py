@@ -24,6 +24,7 @@ from typing import Optional
 import torch
 
 from config import configure
+from conversations import INSTRUCT_PROMPT
 from hf_interop import download_snapshot, is_hub_id, load_model, load_tokenizer, tokenizer_source
 from runtime import resolve_dtype, setup_device
 
@@ -197,8 +198,8 @@ def format_prompt(tokenizer, prompt, chat, template, tokenizer_from):
         if template != "instruct":
             raise SystemExit(f"--template '{template}' is unknown; expected 'instruct' (or --chat for the "
                              f"tokenizer's own chat template)")
-        # the Alpaca-style format many instruction-tuned base models saw; it needs no special tokens
-        text = "### Instruction:\n" + prompt + "\n\n### Response:\n"
+        # the Alpaca-style format many instruction-tuned base models saw, and prepare.py --format instruct writes
+        text = INSTRUCT_PROMPT.format(instruction=prompt)
         return tokenizer.encode(text, add_special_tokens=True)
     if chat:
         if not tokenizer.chat_template:

@@ -311,6 +311,7 @@ while step < max_steps:
     # Micro-step k of rank r reads loader window (step * GRAD_ACCUM + k) * world + r, so one process with
     # GRAD_ACCUM = 2 sees exactly the tokens two processes with GRAD_ACCUM = 1 see at the same step.
     loss_sum = torch.zeros((), device=env.device)
+    targets = torch.zeros((), device=env.device)  # tokens the loss counted (SFT: the assistant's)
     for x, y, segments, sync in micro_batches(model, loader, GRAD_ACCUM, env):
         with sync:
             with ctx:
@@ -318,14 +319,17 @@ while step < max_steps:
                 loss, _, _ = losses.head_loss(hidden, raw_model.lm_head.weight, y.reshape(-1), chunk_rows=chunk_rows)
             (loss / GRAD_ACCUM).backward()
         loss_sum += loss.detach()
-    (loss_value,), norm_value = guarded_step(optimizer, (loss_sum / GRAD_ACCUM).view(1), env, GRAD_CLIP, RUN_DIR,
-                                             step)
+        targets += (y != -100).sum()
+    (loss_value, rank_targets), norm_value = guarded_step(optimizer, torch.stack([loss_sum / GRAD_ACCUM, targets]),
+                                                          env, GRAD_CLIP, RUN_DIR, step)
     step += 1
 
     dt, tokens_per_s = throughput.step()
+    target_tokens = round(rank_targets * env.world_size)  # guarded_step averaged the counts over ranks
     mfu = flops_per_token * tokens_per_s / (peak * env.world_size) if peak else None
     log(step=step, loss=loss_value, lr=lr, grad_norm=norm_value, tokens=step * tokens_per_step, dt=dt,
-        tokens_per_s=tokens_per_s, mfu=mfu, epoch=loader.epoch)
+        tokens_per_s=tokens_per_s, mfu=mfu, epoch=loader.epoch, target_tokens=target_tokens,
+        target_tokens_per_s=target_tokens / dt if dt else None)
     if loader.epoch != epoch:
         epoch = loader.epoch
         say(f"step {step}: the train stream wrapped around; epoch {epoch} begins")
@@ -333,8 +337,9 @@ while step < max_steps:
     if step % LOG_EVERY == 0 or step == max_steps:
         rate = throughput.window_rate()
         mfu_text = f" | mfu {100 * rate * flops_per_token / (peak * env.world_size):.1f}%" if peak else ""
+        sft_text = f" | {target_tokens / dt:,.0f} assistant tok/s this step" if conversations and dt else ""
         say(f"step {step} | epoch {loader.epoch} | loss {loss_value:.4f} | lr {lr:.3e} | grad norm "
-            f"{norm_value:.3f} | {rate:,.0f} tok/s{mfu_text}")
+            f"{norm_value:.3f} | {rate:,.0f} tok/s{mfu_text}{sft_text}")
     paused = False
     if (CHECKPOINT_EVERY > 0 and step % CHECKPOINT_EVERY == 0) or step == max_steps:
         save(step)  # before the eval: an eval that fails loses no training

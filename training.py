@@ -87,7 +87,7 @@ def guarded_step(optimizer, losses, env, grad_clip, run_dir, step):
     weights change, then step. Returns (the losses as floats, the grad norm)."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    if env.ddp:  # every rank's micro-batches hold the same number of tokens: the mean of means is the global mean
+    if env.ddp:  # the mean over ranks of each rank's mean: for text (equal token counts) the global mean
         torch.distributed.all_reduce(losses)
         losses = losses / env.world_size
     *values, norm = torch.cat([losses.float(), grad_norm.float().view(1)]).tolist()

@@ -442,7 +442,7 @@ def test_cached_teacher_val_states_give_the_same_eval_as_running_the_teacher():
     cached = losses.teacher_val_hidden(teacher, batches, ctx)
     a = losses.evaluate(student, batches, env1(), ctx, chunk_rows=10, teacher=teacher, teacher_hidden=cached)
     b = losses.evaluate(student, batches, env1(), ctx, chunk_rows=10, teacher=teacher)
-    assert a == b and set(a) == {"val_ce", "val_ppl", "teacher_ce", "kl", "top1_agree"} and a["kl"] > 0
+    assert a == b and set(a) == {"val_ce", "val_ppl", "val_tokens", "teacher_ce", "kl", "top1_agree"} and a["kl"] > 0
 
 
 def test_ce_only_run_loads_no_teacher_and_resumes_with_kd_logging_the_switch(teacher_dir, data_dir, tmp_path,
