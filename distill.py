@@ -52,8 +52,8 @@ import teacher_cache
 from config import ConfigError, check_at_least, check_fraction, check_positive, configure
 from data import (ConversationLoader, TokenLoader, check_data_matches_tokenizer, conversation_val_batches,
                   is_conversation_data, val_batches)
-from hf_interop import (llama_incompatible_layers, load_model, load_tokenizer, model_width, save_pretrained,
-                        tokenizer_source)
+from hf_interop import (llama_incompatible_layers, llama_incompatible_options, load_model, load_tokenizer,
+                        model_width, save_pretrained, tokenizer_source)
 from layer_cache import LayerCache, batch_index, check_cache_fits, layer_loss, trainable_part
 from model import GPT, MLP_KINDS
 from runtime import autocast, resolve_dtype, say, setup_device, shutdown
@@ -326,6 +326,10 @@ def phase1_layers(s, config):
     if layers != sorted(layers):  # the cache only moves forward: one pass over the layers is one teacher forward
         raise ConfigError(f"layers = {layers}; expected increasing layer indices (a rotation goes up the network "
                           f"once, advancing the cache)")
+    options = llama_incompatible_options(config)
+    if options:  # phase 1's layer cache writes each block's residual update itself, without gates or skips
+        raise ConfigError(f"the student has model options on ({options}); distill.py's students are Llama blocks "
+                          f"(train such models with train.py)")
     if s.export_hf and llama_incompatible_layers(config):
         raise ConfigError(f"export_hf: layers {llama_incompatible_layers(config)} are not SwiGLU with full "
                           f"attention and one width, so the student cannot be a Hugging Face Llama; drop "

@@ -85,10 +85,14 @@ def from_pretrained(path):
 
 def save_pretrained(model, out_dir, tokenizer_dir=None):
     """Write an HF Llama directory that transformers.AutoModelForCausalLM loads (atomically: temp dir, then
-    rename). Only SwiGLU, full-attention layers are Llama; anything else is refused by layer."""
+    rename). Only SwiGLU, full-attention layers are Llama; anything else is refused by layer or by option."""
     from safetensors.torch import save_file
 
     c = model.config
+    options = llama_incompatible_options(c)
+    if options:
+        raise ValueError(f"cannot export to Hugging Face Llama: {', '.join(options)} (a Llama has no such "
+                         f"parameters or attention); keep those checkpoints in our format")
     bad = llama_incompatible_layers(c)
     if bad:
         raise ValueError(f"cannot export to Hugging Face Llama: layers {bad} are not SwiGLU with full attention "
@@ -117,6 +121,12 @@ def llama_incompatible_layers(c):
     return [i for i in range(c.n_layer) if c.mlp_kind[i] != "swiglu" or c.window[i] is not None
             or c.mlp_hidden[i] != c.mlp_hidden[0]]
 
+
+def llama_incompatible_options(c):
+    """The speedrun options of GPTConfig that are on, as 'name=value': none of them exists in a Llama."""
+    on = {"residual_gates": c.residual_gates, "skip_connections": c.skip_connections,
+          "value_embeds": c.value_embeds, "block_sparse": c.block_sparse if any(c.block_sparse) else None}
+    return [f"{name}={value!r}" for name, value in on.items() if value]
 
 
 def config_from_hf(hf, source="config.json"):

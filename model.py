@@ -5,7 +5,7 @@ The forward pass returns the final normed hidden states; `logits` applies the LM
 losses.py, which applies the head a chunk of tokens at a time so the whole batch's fp32 logits never exist.
 Loading and exporting Hugging Face / GGUF weights lives in hf_interop.py."""
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
@@ -30,21 +30,37 @@ class GPTConfig:
     mlp_kind: object = "swiglu"  # swiglu (gate and up fused) | relu2 | gelu | silu (plain two-layer MLP)
     mlp_hidden: object = 1536  # hidden width of the MLP
     window: object = None  # None = full causal attention; W = token t attends to t-W+1..t
+    # Options from the public speedruns (modded-nanogpt), all off by default: off, the model is exactly a Llama.
+    # The parameters they add are 0-d scalars named *_gate, and the value-embedding tables "value_embeds.N.weight"
+    # (vocab x n_kv_head*head_dim): an optimizer can route them by those names (scalars to AdamW, tables as
+    # embeddings). Each starts where it changes nothing: gates on the residual at 1, skip and value gates at 0.
+    residual_gates: bool = False  # x = a*x + b*sublayer(norm(x)) per sublayer, learned scalars a and b
+    skip_connections: bool = False  # U-Net: block n_layer-1-i first adds skip_gate * the output of block i
+    value_embeds: int = 0  # tables j = 0..value_embeds-1; layers j and n_layer-1-j add value_gate * table[idx] to v
+    block_sparse: object = None  # per layer: None, or S: a windowed layer also sees summary keys (see `attends`)
 
     def __post_init__(self):
-        for name in ("mlp_kind", "mlp_hidden", "window"):
+        for name in ("mlp_kind", "mlp_hidden", "window", "block_sparse"):
             value = getattr(self, name)
             value = list(value) if isinstance(value, (list, tuple)) else [value] * self.n_layer
             if len(value) != self.n_layer:
                 raise ValueError(f"GPTConfig.{name} has {len(value)} entries but n_layer = {self.n_layer}")
             setattr(self, name, value)
-        for i, (kind, hidden, window) in enumerate(zip(self.mlp_kind, self.mlp_hidden, self.window)):
+        for i, (kind, hidden, window, sparse) in enumerate(zip(self.mlp_kind, self.mlp_hidden, self.window,
+                                                                self.block_sparse)):
             if kind not in MLP_KINDS:
                 raise ValueError(f"GPTConfig.mlp_kind[{i}] = {kind!r}; expected one of {MLP_KINDS}")
             if not isinstance(hidden, int) or hidden <= 0:
                 raise ValueError(f"GPTConfig.mlp_hidden[{i}] = {hidden!r}; expected a positive int")
             if window is not None and (not isinstance(window, int) or window < 1):
                 raise ValueError(f"GPTConfig.window[{i}] = {window!r}; expected None or an int >= 1")
+            if sparse is not None and (window is None or not isinstance(sparse, int) or
+                                       not 1 <= sparse <= max(window, 64)):
+                raise ValueError(f"GPTConfig.block_sparse[{i}] = {sparse!r} with window[{i}] = {window!r}; expected "
+                                 f"None, or an int from 1 to max(window, 64) on a layer that has a window")
+        if not isinstance(self.value_embeds, int) or not 0 <= self.value_embeds <= (self.n_layer + 1) // 2:
+            raise ValueError(f"GPTConfig.value_embeds = {self.value_embeds!r}; expected an int from 0 to "
+                             f"{(self.n_layer + 1) // 2} (table j serves layers j and n_layer-1-j)")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head = {self.n_head} is not a multiple of n_kv_head = {self.n_kv_head}")
 
@@ -81,11 +97,40 @@ def band_mask(block, window, device):
     return (j <= block + i) & (j > block + i - window)
 
 
-def sliding_window_attention(q, k, v, window, mask_cache):
+def attends(q_pos, k_pos, window, sparse=None):
+    """The attention pattern as one rule on positions (tensors that broadcast, or ints): query q sees key k iff
+    k <= q and q - k < window (None: no window), or, on a block-sparse layer, k is one of the first `sparse`
+    tokens of a block of max(window, 64) tokens that ends before q's block starts. Those periodic summary keys
+    reach the whole context at sparse / block of the cost of full attention."""
+    seen = k_pos <= q_pos
+    if window is not None:
+        seen = seen & (q_pos - k_pos < window)
+    if sparse:
+        block = max(window, 64)
+        seen = seen | ((k_pos % block < sparse) & (k_pos // block < q_pos // block))
+    return seen
+
+
+def block_sparse_mask(block, window, sparse, n_blocks, device):
+    """(n_blocks-1, S, 2S + (n_blocks-2)*sparse) bool for query blocks 1.. of a block-sparse layer, whose keys are
+    [previous block, this block, the first `sparse` keys of blocks 0..n_blocks-3]. Query block b takes the
+    summary keys of blocks before b-1 only: block b-1's are in its pair already, and twice they would weigh twice."""
+    b = torch.arange(1, n_blocks, device=device)[:, None, None]
+    q_pos = b * block + torch.arange(block, device=device)[:, None]
+    pair = (b - 1) * block + torch.arange(2 * block, device=device)
+    c = torch.arange(n_blocks - 2, device=device).repeat_interleave(sparse)  # the block of each summary key
+    summary = c * block + torch.arange(sparse, device=device).repeat(n_blocks - 2)
+    return torch.cat((attends(q_pos, pair, window, sparse), attends(q_pos, summary, window, sparse) & (c < b - 1)),
+                     dim=-1)
+
+
+def sliding_window_attention(q, k, v, window, mask_cache, sparse=None):
     """Causal attention where each query sees the last `window` keys, in blocks so memory is O(T * block).
 
     Queries are cut into blocks of S >= window; block b only needs keys from blocks b-1 and b, so every
-    block shares one (S, 2S) mask, built once per shape and device.
+    block shares one (S, 2S) mask, built once per shape and device. With `sparse` (block-sparse layers, see
+    `attends`) every block b also gets the summary keys of the blocks before it: S x (2S + T*sparse/S) scores
+    per block, and one mask per (batch, length), never a T x T one.
     """
     B, H, T, D = q.shape
     block = max(window, 64)
@@ -108,12 +153,22 @@ def sliding_window_attention(q, k, v, window, mask_cache):
     vb = v.view(B, Hkv, n_blocks, block, D)
     k_pairs = torch.cat((kb[:, :, :-1], kb[:, :, 1:]), dim=3).transpose(1, 2)  # (B, nb-1, Hkv, 2S, D)
     v_pairs = torch.cat((vb[:, :, :-1], vb[:, :, 1:]), dim=3).transpose(1, 2)
+    rest_mask = mask
+    if sparse:  # every pair gets the summary keys of blocks 0..nb-3, masked per query block
+        key = (block, window, sparse, n_blocks, B, q.device)
+        if key not in mask_cache:  # repeated over the batch: a 4-D mask keeps the fused attention kernels
+            mask_cache[key] = block_sparse_mask(block, window, sparse, n_blocks, q.device).repeat(B, 1, 1)[:, None]
+        rest_mask = mask_cache[key]
+        summary = lambda t: t[:, :, :-2, :sparse].reshape(B, Hkv, 1, -1, D).expand(-1, -1, n_blocks - 1, -1, -1)
+        k_pairs = torch.cat((k_pairs, summary(kb).transpose(1, 2)), dim=3)
+        v_pairs = torch.cat((v_pairs, summary(vb).transpose(1, 2)), dim=3)
     # block 0 has no previous block: its mask is the right half of the band
     first = F.scaled_dot_product_attention(qb[:, 0], kb[:, :, 0], vb[:, :, 0], attn_mask=mask[:, block:],
                                            enable_gqa=True)
+    n_keys = k_pairs.shape[3]
     rest = F.scaled_dot_product_attention(qb[:, 1:].reshape(-1, H, block, D),
-                                          k_pairs.reshape(-1, Hkv, 2 * block, D),
-                                          v_pairs.reshape(-1, Hkv, 2 * block, D), attn_mask=mask, enable_gqa=True)
+                                          k_pairs.reshape(-1, Hkv, n_keys, D),
+                                          v_pairs.reshape(-1, Hkv, n_keys, D), attn_mask=rest_mask, enable_gqa=True)
     out = torch.cat((first.unsqueeze(1), rest.view(B, n_blocks - 1, H, block, D)), dim=1)
     return out.transpose(1, 2).reshape(B, H, n_blocks * block, D)[:, :, :T]
 
@@ -126,39 +181,41 @@ def segment_positions(segments):
     return t - torch.where(starts, t, 0).cummax(dim=1).values
 
 
-def segment_mask(segments, window):
-    """(B, 1, T, T) bool: query t sees key s iff both are in the same segment, s <= t and t - s < window (None:
-    no window). Dense, O(T^2) per row: packed batches are SFT's short rows, not long-context training."""
-    t = torch.arange(segments.shape[1], device=segments.device)
-    allowed = t[None, :] <= t[:, None]
-    if window is not None:
-        allowed = allowed & (t[:, None] - t[None, :] < window)
-    return ((segments[:, :, None] == segments[:, None, :]) & allowed).unsqueeze(1)
+def segment_mask(segments, positions, window, sparse=None):
+    """(B, 1, T, T) bool: query t sees key s iff both are in the same segment and `attends` says so for their
+    `positions` within it. Dense, O(T^2) per row: packed batches are SFT's short rows, not long-context training."""
+    seen = attends(positions[:, :, None], positions[:, None, :], window, sparse)
+    return ((segments[:, :, None] == segments[:, None, :]) & seen).unsqueeze(1)
 
 
-def decode_attention(q, k, v):
-    """One query position (B, H, 1, D) against every cached key/value (B, Hkv, S, D), no mask needed."""
+def decode_attention(q, k, v, mask=None):
+    """One query position (B, H, 1, D) against every cached key/value (B, Hkv, S, D); a (1, S) bool `mask` only
+    for block-sparse layers, whose cache holds every position (a ring buffer holds exactly what a window sees)."""
     if not torch.compiler.is_compiling():
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     # Compiled, the same softmax(q k^T / sqrt(D)) v as sums of products fuses into one small kernel; a library
     # attention call (torch.compile maps matmul-softmax-matmul onto one) costs twice as long for one query.
     B, H, _, D = q.shape
     Hkv = k.shape[1]
     q = q.view(B, Hkv, H // Hkv, 1, D).float()
-    weights = ((q * k.unsqueeze(2)).sum(-1) * D ** -0.5).softmax(-1)  # (B, Hkv, H/Hkv, S)
+    scores = (q * k.unsqueeze(2)).sum(-1) * D ** -0.5  # (B, Hkv, H/Hkv, S)
+    weights = (scores if mask is None else scores.masked_fill(~mask, float("-inf"))).softmax(-1)
     return (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(-2).to(v.dtype).view(B, H, 1, D)
 
 
 class Attention(nn.Module):
-    def __init__(self, config, window):
+    def __init__(self, config, window, sparse=None, value_embed=False):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.window = window
+        self.window, self.sparse = window, sparse
+        if value_embed:  # from 0: the value embedding enters as the gate learns, so at init v is unchanged
+            self.value_gate = nn.Parameter(torch.zeros(()))
         self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
         self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
         self.mask_cache = {}
 
-    def forward(self, x, cos, sin, cache=None, mask=None):
+    def forward(self, x, cos, sin, cache=None, mask=None, ve=None):
+        """`ve` (B, T, n_kv_head*head_dim): this layer's value embedding of the tokens, or None."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
                                      self.n_kv_head * self.head_dim], dim=-1)
@@ -166,18 +223,23 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2), cos, sin)
         # a contiguous v lets the fused qkv output be freed: attention's backward would otherwise keep it alive
         v = v.contiguous().view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if ve is not None:
+            v = v + (self.value_gate * ve.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)).to(v.dtype)
         if cache is not None and cache.pos > 0:  # decoding one token against the cached keys
             k, v = cache.append(k, v)
-            y = decode_attention(q, k, v)
+            # a block-sparse layer caches every position: the new query's row of the forward's mask picks its keys
+            seen = attends(k.shape[2] - 1, torch.arange(k.shape[2], device=k.device)[None], self.window,
+                           self.sparse) if self.sparse else None
+            y = decode_attention(q, k, v, seen)
         else:
             if cache is not None:  # prefill: attend as usual, then keep what later tokens will need
                 cache.append(k, v)
-            if mask is not None:  # packed conversations: segment_mask, this layer's window included
+            if mask is not None:  # packed conversations: segment_mask, this layer's pattern included
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
             elif self.window is None or self.window >= T:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:
-                y = sliding_window_attention(q, k, v, self.window, self.mask_cache)
+                y = sliding_window_attention(q, k, v, self.window, self.mask_cache, self.sparse)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -249,22 +311,38 @@ def make_mlp(n_embd, kind, hidden):
     return SwiGLU(n_embd, hidden) if kind == "swiglu" else PlainMLP(n_embd, hidden, kind)
 
 
+def value_embed_table(config, layer):
+    """The value-embedding table of a layer, or None: table j serves layers j and n_layer-1-j (as the speedrun
+    pairs early and late layers), so the middle layers have none unless value_embeds reaches them."""
+    j = min(layer, config.n_layer - 1 - layer)
+    return j if j < config.value_embeds else None
+
+
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.rms_norm_eps)
-        self.attn = Attention(config, config.window[layer])
+        self.attn = Attention(config, config.window[layer], config.block_sparse[layer],
+                              value_embed_table(config, layer) is not None)
         self.mlp_norm = nn.RMSNorm(config.n_embd, eps=config.rms_norm_eps)
         self.mlp = make_mlp(config.n_embd, config.mlp_kind[layer], config.mlp_hidden[layer])
+        self.gated = config.residual_gates
+        if self.gated:  # x = a*x + b*sublayer(norm(x)); at 1 (exact in floating point) the plain residual
+            for name in ("attn_residual_gate", "attn_branch_gate", "mlp_residual_gate", "mlp_branch_gate"):
+                setattr(self, name, nn.Parameter(torch.ones(())))
+        if config.skip_connections and layer >= config.n_layer - config.n_layer // 2:  # GPT.forward adds the skip
+            self.skip_gate = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x, cos, sin, cache=None, mask=None):
+    def forward(self, x, cos, sin, cache=None, mask=None, ve=None):
         B, T, C = x.shape
         # The residual stream runs as (B*T, C) rows. Same math; but under torch.compile a norm output of shape
         # (1, 1, C) reaches the next matmul as a stride-0 (1, C) view, which the matmul copies first: two copies
         # per layer per decoded token.
         x = x.reshape(B * T, C)
-        x = x + self.attn(self.attn_norm(x).view(B, T, C), cos, sin, cache, mask).view(B * T, C)
-        x = x + self.mlp(self.mlp_norm(x))
+        h = self.attn(self.attn_norm(x).view(B, T, C), cos, sin, cache, mask, ve).view(B * T, C)
+        x = self.attn_residual_gate * x + self.attn_branch_gate * h if self.gated else x + h
+        h = self.mlp(self.mlp_norm(x))
+        x = self.mlp_residual_gate * x + self.mlp_branch_gate * h if self.gated else x + h
         return x.view(B, T, C)
 
 
@@ -272,7 +350,8 @@ class Block(nn.Module):
 # KV cache for generation
 
 class KVCache:
-    """Per-layer keys/values: a buffer of max_len for full attention, a ring buffer of W for sliding layers.
+    """Per-layer keys/values: a buffer of max_len for full attention and block-sparse layers, a ring buffer of W
+    for the other sliding layers.
 
     Keys are cached after RoPE, so a ring buffer's slot order does not matter to attention.
     """
@@ -280,11 +359,12 @@ class KVCache:
     def __init__(self, config, batch_size, max_len, device, dtype):
         self.pos = 0  # tokens seen so far
         self.layers = []
-        for window in config.window:
-            size = max_len if window is None else min(window, max_len)
+        for window, sparse in zip(config.window, config.block_sparse):
+            ring = window is not None and sparse is None  # block-sparse layers reach back to position 0
+            size = min(window, max_len) if ring else max_len
             shape = (batch_size, config.n_kv_head, size, config.head_dim)
             self.layers.append(LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
-                                          torch.zeros(shape, device=device, dtype=dtype), window is not None))
+                                          torch.zeros(shape, device=device, dtype=dtype), ring))
 
     def advance(self, n):
         self.pos += n
@@ -328,14 +408,21 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # Zeros until init_weights, and registered last: a seed gives the plain model's weights plus the options'.
+        self.value_embeds = nn.ModuleList(nn.Embedding.from_pretrained(
+            torch.zeros(config.vocab_size, config.n_kv_head * config.head_dim), freeze=False)
+            for _ in range(config.value_embeds))
         self.rope_cache = {}  # computed, never saved: device -> (cos, sin) for the longest length asked so far
 
     def init_weights(self, std=0.02):
         """From-scratch init: N(0, std), residual projections scaled by depth so the residual stream
-        does not grow with the number of layers; norms start at one."""
+        does not grow with the number of layers; norms and residual gates start at one, skip and value gates
+        at zero (the options start as the plain model)."""
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", "residual_gate", "branch_gate")):
                 nn.init.ones_(p)
+            elif name.endswith(("skip_gate", "value_gate")):
+                nn.init.zeros_(p)
             elif name.endswith(("attn.proj.weight", "mlp.down.weight")):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
             else:
@@ -368,14 +455,32 @@ class GPT(nn.Module):
                                  "cache takes one sequence per row")
             positions = segment_positions(segments)
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, head_dim)
-            masks = {w: segment_mask(segments, w) for w in set(self.config.window)}  # built once per forward
+            masks = {p: segment_mask(segments, positions, *p) for p in set(self.attention_patterns())}  # once
         x = self.embed(idx)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache.layers[i] if cache is not None else None,
-                      masks.get(self.config.window[i]))
+        values = [table(idx) for table in self.value_embeds]
+        n, skips = len(self.blocks), []  # U-Net: the first n//2 outputs, taken back last-in first-out
+        for i, (block, pattern) in enumerate(zip(self.blocks, self.attention_patterns())):
+            if self.config.skip_connections and i >= n - n // 2:
+                x = x + block.skip_gate * skips.pop()
+            j = value_embed_table(self.config, i)
+            x = block(x, cos, sin, cache.layers[i] if cache is not None else None, masks.get(pattern),
+                      values[j] if j is not None else None)
+            if self.config.skip_connections and i < n // 2:
+                skips.append(x)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
+
+    def attention_patterns(self):
+        return list(zip(self.config.window, self.config.block_sparse))
+
+    def set_windows(self, window):
+        """Change the layers' windows at runtime (a window schedule): one value or one per layer, checked as
+        GPTConfig.window is. Masks are cached per window; KV caches made before keep their sizes, so make new
+        ones; under torch.compile each new window is one recompilation."""
+        self.config.window = replace(self.config, window=window).window
+        for block, w in zip(self.blocks, self.config.window):
+            block.attn.window = w
 
     def logits(self, idx, cache=None, segments=None):
         """idx (B, T) -> logits (B, T, vocab)."""
@@ -386,7 +491,8 @@ class GPT(nn.Module):
 
     def num_params(self, exclude_embedding=False):
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if exclude_embedding else n
+        tables = self.embed.weight.numel() + sum(t.weight.numel() for t in self.value_embeds)  # lookups, no matmul
+        return n - tables if exclude_embedding else n
 
     def flops_per_token(self, seq_len):
         """Training FLOPs per token: 6 per weight of every matmul, plus attention scores and values."""
@@ -394,15 +500,22 @@ class GPT(nn.Module):
         matmul_params = self.num_params(exclude_embedding=True)
         if c.tie_embeddings:
             matmul_params += self.lm_head.weight.numel()
-        context = sum(min(w or seq_len, seq_len) for w in c.window) / 2  # average keys per query, causal
+        context = sum(min(w or seq_len, seq_len) + (s * seq_len / max(w, 64) if s else 0)  # + summary keys
+                      for w, s in zip(c.window, c.block_sparse)) / 2  # average keys per query, causal
         return 6 * matmul_params + 12 * c.n_head * c.head_dim * context
 
-    def configure_optimizer(self, lr, weight_decay, betas, device_type, attn_lr=None):
+    def configure_optimizer(self, lr, weight_decay, betas, device_type, attn_lr=None, muon=None):
         """AdamW; matrices and embeddings decay, norm gains do not. With `attn_lr` (not None and not lr) the
         attention sublayers (attn_norm + attn) get groups of their own at that peak LR: every group carries
         "lr_scale" = its peak LR / lr, which training.set_lr applies at each step, so one schedule drives both.
-        The fused kernel (CPU and GPU) is faster and needs no temporaries the size of the model."""
+        The fused kernel (CPU and GPU) is faster and needs no temporaries the size of the model.
+
+        With `muon` = {"matrix", "embed", "head", "scalar": peak LRs, "momentum"}: muon.Muon, Muon on the blocks'
+        2-D matrices and AdamW on the token embedding and value tables, an untied head, and every scalar (norm
+        gains and the *_gate scalars, no decay), each group at its own peak LR (lr_scale = its LR / lr)."""
         trainable = [p for p in self.parameters() if p.requires_grad]
+        if muon is not None:
+            return self.muon_optimizer(trainable, lr, weight_decay, betas, muon)
         attention = set()
         if attn_lr is not None and attn_lr != lr:
             attention = {id(p) for b in self.blocks for m in (b.attn_norm, b.attn) for p in m.parameters()}
@@ -415,3 +528,22 @@ class GPT(nn.Module):
                         "lr_scale": scale},
                        {"params": [p for p in members if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cuda", "cpu"))
+
+    def muon_optimizer(self, trainable, lr, weight_decay, betas, muon):
+        from muon import Muon  # only runs that ask for it need the module
+
+        wanted = {id(p) for p in trainable}
+        blocks = {id(p) for p in self.blocks.parameters()}
+        tables = [self.embed.weight] + [t.weight for t in getattr(self, "value_embeds", [])]
+        head = [] if self.config.tie_embeddings else [self.lm_head.weight]
+        roles = (("matrix", [p for p in trainable if id(p) in blocks and p.dim() == 2], weight_decay, True),
+                 ("embed", [p for p in tables if id(p) in wanted], weight_decay, False),
+                 ("head", [p for p in head if id(p) in wanted], weight_decay, False),
+                 ("scalar", [p for p in trainable if p.dim() < 2], 0.0, False))
+        groups = [{"params": params, "weight_decay": decay, "use_muon": use_muon, "lr_scale": muon[role] / lr,
+                   "role": role} for role, params, decay, use_muon in roles if params]
+        routed = sum(len(g["params"]) for g in groups)
+        if routed != len(trainable):  # a new kind of parameter must be given a role, not silently left out
+            raise ValueError(f"configure_optimizer(muon): {len(trainable) - routed} trainable parameters have no "
+                             f"role (matrix, embed, head, scalar)")
+        return Muon(groups, lr=lr, momentum=muon["momentum"], betas=betas)

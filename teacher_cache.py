@@ -281,9 +281,10 @@ class TeacherCache:
             raise CacheError(f"{where}: made from teacher '{m['teacher']['source']}', this run names teacher "
                              f"'{teacher_source}'")
         if teacher is not None:
-            from dataclasses import asdict
+            from model import GPTConfig
 
-            if m["teacher"]["config"] != json.loads(json.dumps(asdict(teacher.config))) or \
+            # compared as configs, not dicts: a cache written before GPTConfig gained (default-off) fields stays valid
+            if GPTConfig.from_dict(m["teacher"]["config"]) != teacher.config or \
                     m["teacher"]["weights_fingerprint"] != weights_fingerprint(teacher):
                 raise CacheError(f"{where}: made from other weights or another architecture than the teacher "
                                  f"'{teacher_source}' loaded now (weights fingerprint "

@@ -35,7 +35,7 @@ from hf_interop import load_model, load_tokenizer, tokenizer_source
 from model import GPT, GPTConfig
 from runtime import autocast, peak_flops, resolve_dtype, say, setup_device, shutdown
 from training import (Throughput, changed_settings, guarded_step, lr_at, micro_batches, restore_training_state,
-                      save_run_checkpoint, set_lr)
+                      save_run_checkpoint, set_lr, window_at)
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults: every one can be set in a YAML file (lower-case key) or on the command line (--name value)
@@ -56,6 +56,13 @@ MAX_STEPS: int = 1000  # optimizer steps in the whole run (ignored when TARGET_T
 TARGET_TOKENS: Optional[int] = None  # train on this many tokens: max_steps = ceil(TARGET_TOKENS / tokens per step)
 LR: float = 3e-4  # peak learning rate
 LR_ATTN: Optional[float] = None  # peak learning rate of attention (attn_norm + attention); None = LR
+OPTIMIZER: Literal["adamw", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest at the LRs below (muon.py)
+MATRIX_LR: float = 0.02  # muon: peak LR of the blocks' 2-D matrices (Muon)
+EMBED_LR: float = 0.01  # muon: peak LR of the token embedding (and value embeddings; the head too when tied) (AdamW)
+HEAD_LR: float = 0.004  # muon: peak LR of an untied LM head (AdamW)
+SCALAR_LR: float = 0.01  # muon: peak LR of norm gains and the model's scalar gates (AdamW, no decay)
+MUON_MOMENTUM: float = 0.95  # muon: Nesterov momentum of the matrices' updates
+WINDOW_SCHEDULE: Optional[tuple[int, int]] = None  # (start, end): the windowed layers' window grows linearly over the run, in steps of 64
 MIN_LR_FRAC: float = 0.0  # the LR decays to MIN_LR_FRAC * LR at the end of the cooldown / cosine
 WARMUP_STEPS: int = 100  # linear warmup from LR / WARMUP_STEPS to LR
 LR_SCHEDULE: Literal["trapezoid", "cosine", "constant"] = "trapezoid"  # trapezoid (warmup, constant, linear cooldown), cosine, or constant
@@ -84,6 +91,10 @@ check_at_least(globals(), 1, ("BATCH_SIZE", "SEQ_LEN", "GRAD_ACCUM", "EVAL_TOKEN
 check_at_least(globals(), 0, ("MAX_STEPS", "WARMUP_STEPS", "EVAL_EVERY", "CHECKPOINT_EVERY", "KEEP_CHECKPOINTS"))
 check_at_least(globals(), 0.0, ("WEIGHT_DECAY", "GRAD_CLIP"))
 check_positive(globals(), ("LR",) if LR_ATTN is None else ("LR", "LR_ATTN"))
+check_positive(globals(), ("MATRIX_LR", "EMBED_LR", "HEAD_LR", "SCALAR_LR"))
+check_fraction(globals(), ("MUON_MOMENTUM",))
+if WINDOW_SCHEDULE is not None and not 1 <= WINDOW_SCHEDULE[0] <= WINDOW_SCHEDULE[1]:
+    raise ConfigError(f"window_schedule = {WINDOW_SCHEDULE}; expected (start, end) with 1 <= start <= end")
 check_fraction(globals(), ("COOLDOWN_FRAC", "MIN_LR_FRAC", "BETAS"))
 if TARGET_TOKENS is not None and TARGET_TOKENS < 1:
     raise ConfigError(f"target_tokens = {TARGET_TOKENS}; expected a positive int or none")
@@ -207,7 +218,12 @@ if EVAL_ONLY:
 tokens_per_step = BATCH_SIZE * SEQ_LEN * GRAD_ACCUM * env.world_size
 max_steps = math.ceil(TARGET_TOKENS / tokens_per_step) if TARGET_TOKENS is not None else MAX_STEPS
 config["max_steps"] = max_steps  # what the schedule actually uses, saved with the run
-optimizer = raw_model.configure_optimizer(LR, WEIGHT_DECAY, BETAS, env.device_type, LR_ATTN)
+muon_lrs = {"matrix": MATRIX_LR, "embed": EMBED_LR, "head": HEAD_LR, "scalar": SCALAR_LR,
+            "momentum": MUON_MOMENTUM} if OPTIMIZER == "muon" else None
+optimizer = raw_model.configure_optimizer(LR, WEIGHT_DECAY, BETAS, env.device_type, LR_ATTN, muon=muon_lrs)
+windowed = [i for i, w in enumerate(model_config.window) if w is not None]
+if WINDOW_SCHEDULE is not None and not windowed:
+    raise ConfigError(f"window_schedule = {WINDOW_SCHEDULE}, but no layer of the model has a sliding window to grow")
 # every train shard was scanned for ids >= vocab_size before step 0, so the loader need not scan them again
 if conversations:
     loader = ConversationLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, pack=PACK, rank=env.rank,
@@ -308,6 +324,9 @@ while step < max_steps:
     lr = lr_at(step, max_steps, LR, WARMUP_STEPS, schedule=LR_SCHEDULE, cooldown_frac=COOLDOWN_FRAC,
                min_lr_frac=MIN_LR_FRAC)
     set_lr(optimizer, lr)
+    if WINDOW_SCHEDULE is not None:  # a pure function of the step, like the LR: resume and restarts follow it
+        window = window_at(step, max_steps, *WINDOW_SCHEDULE)
+        raw_model.set_windows([window if i in windowed else None for i in range(model_config.n_layer)])
     # Micro-step k of rank r reads loader window (step * GRAD_ACCUM + k) * world + r, so one process with
     # GRAD_ACCUM = 2 sees exactly the tokens two processes with GRAD_ACCUM = 1 see at the same step.
     loss_sum = torch.zeros((), device=env.device)

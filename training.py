@@ -38,6 +38,16 @@ def lr_at(step, max_steps, lr, warmup_steps, *, schedule="trapezoid", cooldown_f
     raise ValueError(f"unknown lr schedule '{schedule}'; expected trapezoid, cosine or constant")
 
 
+def window_at(step, max_steps, start, end, granularity=64):
+    """The attention window at optimizer step `step` (0-based) under a linear schedule from `start` to `end`,
+    rounded down to a multiple of `granularity` (at least `start`): few distinct windows, so few mask shapes
+    and torch.compile graphs. The last step gets `end`."""
+    if max_steps <= 1 or step >= max_steps - 1:
+        return end
+    window = start + (end - start) * step / (max_steps - 1)
+    return max(start, int(window) // granularity * granularity)
+
+
 def set_lr(optimizer, lr):
     """The schedule's `lr` for this step, times each group's "lr_scale" (model.configure_optimizer: attention's
     own peak LR, LR_ATTN, relative to LR)."""
