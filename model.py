@@ -534,7 +534,7 @@ class GPT(nn.Module):
 
         wanted = {id(p) for p in trainable}
         blocks = {id(p) for p in self.blocks.parameters()}
-        tables = [self.embed.weight] + [t.weight for t in getattr(self, "value_embeds", [])]
+        tables = [self.embed.weight] + [t.weight for t in self.value_embeds]
         head = [] if self.config.tie_embeddings else [self.lm_head.weight]
         roles = (("matrix", [p for p in trainable if id(p) in blocks and p.dim() == 2], weight_decay, True),
                  ("embed", [p for p in tables if id(p) in wanted], weight_decay, False),

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -408,3 +409,20 @@ def test_the_shipped_sft_configs_parse_with_the_model_given_on_the_command_line(
     assert config["pack"] and config["seq_len"] == 1024
     settings, _ = distill.read_settings(["--config", os.path.join(REPO, "configs", "distill_smollm2_sft.yaml")])
     assert settings.loss_multi == 1.0 and settings.kd_adaptive == 1.0 and settings.phases == "2"
+
+
+def test_sft_distillation_resumes_exactly(tmp_path, chat_data, tiny_llama_dir):
+    args = ["--teacher", tiny_llama_dir, "--data-dir", chat_data, "--phases", "2", "--mlp-kind", "relu2",
+            "--mlp-hidden", 32, "--device", "cpu", "--dtype", "float32", "--batch-size", 2, "--seq-len", 160,
+            "--lr", 1e-3, "--warmup-steps", 1, "--loss-multi", 1.5, "--kd-adaptive", 1.0, "--checkpoint-every", 3,
+            "--keep-checkpoints", 0, "--eval-tokens", 2000, "--num-batches", 2]
+    straight, half = tmp_path / "straight", tmp_path / "half"
+    run_script("distill.py", *args, "--run-dir", straight, "--max-steps", 6)
+    shutil.copytree(straight, half)
+    os.remove(half / "step_000006.json")  # the last save "crashed" before its mark: resume from step 3
+    run_script("distill.py", *args, "--run-dir", half, "--max-steps", 6, "--resume")
+    steps = lambda d: {r["step"]: (r["loss"], r["kd"]) for r in records(d) if r.get("phase") == 2 and "loss" in r}
+    assert steps(half) == steps(straight) and sorted(steps(straight)) == list(range(1, 7))
+    a = torch.load(straight / "step_000006.pt", weights_only=True)["model"]
+    b = torch.load(half / "step_000006.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
