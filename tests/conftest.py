@@ -44,6 +44,16 @@ def english_like_documents(n_docs, seed=0, min_words=20, max_words=120):
     return docs
 
 
+def decode_one_by_one(model, idx, prefill, compiled=False):
+    """(logits of the whole sequence from a KV cache: a prefill of `prefill` tokens, then one token per call;
+    the cache). `compiled` compiles the one-token step, as sample.py --compile does."""
+    cache = model.new_cache(idx.shape[0], idx.shape[1], "cpu", torch.float32)
+    step = torch.compile(model.logits, dynamic=True) if compiled else model.logits
+    steps = [model.logits(idx[:, :prefill], cache=cache)]
+    steps += [step(idx[:, t:t + 1], cache=cache) for t in range(prefill, idx.shape[1])]
+    return torch.cat(steps, dim=1), cache
+
+
 def run_script(script, *args, env=None, check=True, timeout=600, cwd=REPO):
     """Run one of the repo's scripts as a user would, with this interpreter; returns CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

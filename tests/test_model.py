@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_llama, needs_cxx
+from conftest import decode_one_by_one, make_tiny_llama, needs_cxx
 from hf_interop import from_pretrained, save_pretrained
 from losses import head_loss
 from model import GPT, GPTConfig, sliding_window_attention
@@ -320,10 +320,8 @@ def test_kv_cache_decoding_matches_full_forward(window, compiled):
     idx = torch.randint(0, 128, (2, 20))
     with torch.no_grad():
         full = model.logits(idx)
-        cache = model.new_cache(2, 20, "cpu", torch.float32)
-        step = torch.compile(model.logits, dynamic=True) if compiled else model.logits
-        steps = [model.logits(idx[:, :8], cache=cache)] + [step(idx[:, t:t + 1], cache=cache) for t in range(8, 20)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+        decoded, cache = decode_one_by_one(model, idx, 8, compiled)
+    torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-5)
     if window:
         assert cache.layers[0].k.shape[2] == window  # ring buffer of W, not the whole sequence
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, needs_cxx
+from conftest import REPO, decode_one_by_one, needs_cxx
 from hf_interop import save_pretrained
 from model import GPT, GPTConfig, apply_rope, sliding_window_attention
 
@@ -196,10 +196,8 @@ def test_kv_cache_decoding_with_every_option_equals_full_forward(compiled):
     idx = torch.randint(0, 96, (2, 150), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model.logits(idx)
-        cache = model.new_cache(2, 150, "cpu", torch.float32)
-        step = torch.compile(model.logits, dynamic=True) if compiled else model.logits
-        steps = [model.logits(idx[:, :20], cache=cache)] + [step(idx[:, t:t + 1], cache=cache) for t in range(20, 150)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+        decoded, cache = decode_one_by_one(model, idx, 20, compiled)
+    torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-5)
     assert [layer.k.shape[2] for layer in cache.layers] == [150, 150, 8, 150]
 
 
