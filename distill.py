@@ -171,7 +171,6 @@ class Run:
 def main(argv=None):
     t0 = time.perf_counter()
     s, config = read_settings(argv)
-    check_data_kind(s)
     env = setup_device(s.device)
     dtype = resolve_dtype(s.dtype, env.device_type)
     if dtype == torch.float16:
@@ -182,6 +181,7 @@ def main(argv=None):
         s.max_steps = config["max_steps"] = math.ceil(s.target_tokens / (s.batch_size * s.seq_len * s.grad_accum
                                                                          * env.world_size))
     if s.phases == "cache":
+        check_data_kind(s)
         teacher_cache.write_for_run(s, env, ctx)
         shutdown(env)
         return
@@ -189,6 +189,7 @@ def main(argv=None):
     # ---- Where this run starts: a phase-2 step, a phase-1 state, phase 1's final.pt, INIT_FROM or the teacher
     if env.is_master:  # one writer per run dir; under torchrun rank 0 writes for all
         checkpoints.claim_run_dir(s.run_dir)
+    check_data_kind(s)  # after the lock: a second writer is told so before anything about its data
     selecting = s.phases == "select"  # its progress is RUN_DIR/selection.json, not checkpoints
     start = checkpoints.distill_start(s.run_dir, s.phases, s.resume and not selecting, s.init_from)
     cache_device = phase1_cache_device(s, env)

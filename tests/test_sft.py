@@ -426,3 +426,11 @@ def test_sft_distillation_resumes_exactly(tmp_path, chat_data, tiny_llama_dir):
     a = torch.load(straight / "step_000006.pt", weights_only=True)["model"]
     b = torch.load(half / "step_000006.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_teacher_cache_is_refused_on_conversation_data(tmp_path, chat_data, tiny_llama_dir):
+    proc = run_script("distill.py", "--teacher", tiny_llama_dir, "--data-dir", chat_data, "--run-dir",
+                      tmp_path / "run", "--phases", "cache", "--teacher-cache", tmp_path / "cache", "--device", "cpu",
+                      check=False)
+    assert proc.returncode != 0 and "holds conversations (SFT data)" in proc.stderr + proc.stdout
+    assert not os.path.exists(tmp_path / "cache")
