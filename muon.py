@@ -12,6 +12,7 @@ all-gather the results, which saves Newton-Schulz compute on many GPUs; at this 
 a small part of the time and that bookkeeping is not worth its complexity.
 """
 import torch
+from torch.optim.adamw import adamw
 
 # The speedruns' quintic: chosen for a steep slope at zero, so 5 steps lift small singular values into a band
 # around 1 (about 0.68-1.2) instead of converging exactly; the update only needs its scale evened out.
@@ -122,19 +123,20 @@ class Muon(torch.optim.Optimizer):
             p.add_(update, alpha=-lr)
 
     def adamw_step(self, group):
-        """torch.optim.AdamW's formula (decoupled decay, bias-corrected moments), one parameter at a time."""
-        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-            state["step"] += 1
-            p.mul_(1 - lr * group["weight_decay"])
-            state["exp_avg"].lerp_(p.grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            bias_correction1 = 1 - beta1 ** state["step"]
-            bias_correction2 = 1 - beta2 ** state["step"]
-            denom = (state["exp_avg_sq"].sqrt() / bias_correction2 ** 0.5).add_(eps)
-            p.addcdiv_(state["exp_avg"], denom, value=-lr / bias_correction1)
+        """torch.optim.AdamW's own update (decoupled decay, bias-corrected moments) through its functional form,
+        fused where torch has the kernel (CPU and CUDA): one pass over each tensor, which matters for the
+        embedding tables, the largest tensors of a small model (a loop of elementwise ops costs ~10x more)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            if not self.state[p]:
+                self.state[p].update(step=torch.zeros((), dtype=torch.float32, device=p.device),
+                                     exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        if not params:
+            return
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                  [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
+              fused=fused, foreach=None if fused else False, amsgrad=False, beta1=beta1, beta2=beta2,
+              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)

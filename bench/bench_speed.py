@@ -71,7 +71,8 @@ def optimizer_share(args, steps=6):
         config = yaml.safe_load(f)
     muon_lrs = {"matrix": config["matrix_lr"], "embed": config["embed_lr"], "head": config.get("head_lr", 0.004),
                 "scalar": config["scalar_lr"], "momentum": config.get("muon_momentum", 0.95)}
-    loader = TokenLoader(args.data_dir, "train", config["batch_size"], config["seq_len"])
+    batch_size = args.share_batch_size or config["batch_size"]
+    loader = TokenLoader(args.data_dir, "train", batch_size, config["seq_len"])
     batches = [loader.next_batch() for _ in range(steps)]
     times = {"muon": [0.0, 0.0], "adamw": [0.0, 0.0]}
     for kind in ("muon", "adamw") * 2:
@@ -98,6 +99,8 @@ def main():
     parser.add_argument("--data-dir", default=os.path.join(REPO, "bench", "out", "quality", "data"))
     parser.add_argument("--reuse", action="store_true", help="read finished runs instead of running them again")
     parser.add_argument("--share-only", action="store_true", help="only the optimizer-step share")
+    parser.add_argument("--share-batch-size", type=int, default=None,
+                        help="the optimizer-step share at this batch size instead of the config's")
     args = parser.parse_args()
     if not args.share_only:
         results = {config: run(config, args) for config in CONFIGS}
@@ -117,7 +120,7 @@ def main():
     for kind, (fwd_bwd, opt) in times.items():
         print(f"{kind}: forward+backward {fwd_bwd:.2f} s, optimizer.step {opt:.2f} s = "
               f"{100 * opt / (fwd_bwd + opt):.1f}% of the step")
-    print(f"machine: {os.cpu_count()} CPUs, fp32")
+    print(f"batch {args.share_batch_size or 'of the config'} | machine: {os.cpu_count()} CPUs, fp32")
 
 
 if __name__ == "__main__":
