@@ -75,6 +75,7 @@ MLP_KIND: Literal[*MLP_KINDS, "keep"] = "relu2"  # MLP of the replaced layers: r
 MLP_HIDDEN: Optional[int] = None  # width of the new MLPs; None = half the teacher's, rounded down to a multiple of 8
 MLP_LAYERS: Optional[list[int]] = None  # layers whose MLP is replaced; None = every layer
 MLP_INIT: Literal["prune", "zero"] = "prune"  # new MLPs start as: prune (the teacher's most important neurons) | zero (down = 0: the teacher minus its MLPs)
+NEURON_SELECT: Literal["importance", "lsq"] = "importance"  # with prune: which teacher neurons to keep: importance (mean |act| x down-column norm) | lsq (greedy least-squares elimination, then the exact fit; needs REFIT_DOWN)
 REFIT_DOWN: bool = True  # with prune: refit each new MLP's down projection by least squares, layer by layer on the student's own trajectory, so its hidden state after the layer matches the teacher's
 WINDOW: Optional[int] = None  # sliding-window size W for attention; None = full attention everywhere
 FULL_ATTN_LAYERS: Union[list[int], str] = []  # with WINDOW: layers that keep full attention (a hybrid student), or "auto:N": the top N of SELECTION
@@ -290,6 +291,9 @@ def check_settings(s):
         raise ConfigError(f"mlp_hidden = {s.mlp_hidden}; expected a positive int or none")
     if s.window is not None and s.window < 1:
         raise ConfigError(f"window = {s.window}; expected a positive int or none")
+    if s.neuron_select == "lsq" and not s.refit_down:
+        raise ConfigError("neuron_select = lsq chooses the neurons that the least-squares refit fits best; it needs "
+                          "refit_down = true (or neuron_select = importance)")
     if isinstance(s.full_attn_layers, str):
         s.full_attn_layers = full_attn_from_selection(s)
     if s.init_from and s.resume:

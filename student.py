@@ -11,7 +11,7 @@ from config import ConfigError
 from data import TokenLoader
 from hf_interop import load_model
 from layer_cache import LayerCache
-from model import GPT, GPTConfig, SwiGLU
+from model import GPT, GPTConfig, SwiGLU, make_mlp
 from runtime import all_reduce_sum, say
 
 
@@ -71,13 +71,10 @@ REFIT_RIDGE = 1e-4  # ridge of the least-squares refit, relative to the mean dia
 
 
 @torch.no_grad()
-def prune_mlp(student_mlp, teacher_mlp, importance):
-    """Copy the teacher's most important neurons into the student's MLP (width K): for a SwiGLU student the
-    neurons' gate, up and down weights (an exact sub-network of the teacher's MLP); for a plain MLP the
-    teacher's gate rows as `up` (the argument of the neuron's non-linearity) and the down columns. Returns the
-    kept neuron indices."""
-    hidden = student_mlp.down.weight.shape[1]
-    kept = importance.topk(hidden).indices.sort().values
+def prune_mlp(student_mlp, teacher_mlp, kept):
+    """Copy the teacher's neurons `kept` (indices, one per student neuron) into the student's MLP: for a SwiGLU
+    student the neurons' gate, up and down weights (an exact sub-network of the teacher's MLP); for a plain MLP
+    the teacher's gate rows as `up` (the argument of the neuron's non-linearity) and the down columns."""
     if isinstance(teacher_mlp, SwiGLU):
         gate, up = teacher_mlp.gate_up.weight.chunk(2)
     else:
@@ -87,7 +84,6 @@ def prune_mlp(student_mlp, teacher_mlp, importance):
     else:
         student_mlp.up.weight.copy_(gate[kept])
     student_mlp.down.weight.copy_(teacher_mlp.down.weight[:, kept])
-    return kept
 
 
 @torch.no_grad()
@@ -104,45 +100,112 @@ def mlp_importance(teacher_mlp, inputs, env):
     return (total / count).float() * teacher_mlp.down.weight.norm(dim=0)
 
 
+class LeastSquares:
+    """The statistics of the least-squares problem min_W ||A W^T - Y||^2 over the tokens of `inputs` (normed MLP
+    inputs, one (N, C) tensor per batch): A = mlp.hidden(x), Y = `outputs`. A^T A, A^T Y and |Y|^2 are summed
+    in fp64 over batches and ranks, so every rank solves the same system."""
+
+    @torch.no_grad()
+    def __init__(self, mlp, inputs, outputs, env):
+        K, C = mlp.down.weight.shape[1], mlp.down.weight.shape[0]
+        device = mlp.down.weight.device
+        self.AtA = torch.zeros(K, K, dtype=torch.float64, device=device)
+        self.AtY = torch.zeros(K, C, dtype=torch.float64, device=device)
+        sums = torch.zeros(2, dtype=torch.float64, device=device)  # |Y|^2, tokens
+        for x, y in zip(inputs, outputs):  # per-batch products in fp32 (4x faster than fp64 on CPU), sums in fp64
+            a = mlp.hidden(x)
+            self.AtA += (a.t() @ a).double()
+            self.AtY += (a.t() @ y).double()
+            sums[0] += y.double().square().sum()
+            sums[1] += x.shape[0]
+        all_reduce_sum([self.AtA, self.AtY, sums], env)
+        self.energy_sum, self.count = sums[0], sums[1] * C
+        # keeps the system well posed where neurons are (nearly) collinear or dead
+        self.ridge = REFIT_RIDGE * self.AtA.diagonal().mean()
+
+    def mse(self, Wt, kept=None):
+        """The MSE of the (K', C) weights Wt on the neurons `kept` (default all), from the statistics alone;
+        clamped, since cancellation can dip just below 0 at an exact fit."""
+        AtA, AtY = (self.AtA, self.AtY) if kept is None else (self.AtA[kept][:, kept], self.AtY[kept])
+        return max(0.0, ((self.energy_sum - 2 * (Wt * AtY).sum() + (Wt * (AtA @ Wt)).sum()) / self.count).item())
+
+    def solve(self):
+        eye = torch.eye(self.AtA.shape[0], dtype=torch.float64, device=self.AtA.device)
+        return torch.linalg.solve(self.AtA + self.ridge * eye, self.AtY)
+
+    def select(self, K, chunk=8):
+        """Greedy backward elimination (Optimal Brain Surgeon for whole neurons): start from the ridge fit on
+        every neuron and repeatedly drop the `chunk` neurons whose removal raises the fitted error least,
+        re-solving for the rest after each drop. With H = A^T A + ridge, removing neuron j from the optimum costs
+        |B_j|^2 / (H^-1)_jj exactly, and the Schur complement of H^-1 and the matching update of B give the
+        exact optimum on the remaining neurons. Returns (kept indices sorted, their fitted (K, C) weights)."""
+        eye = torch.eye(self.AtA.shape[0], dtype=torch.float64, device=self.AtA.device)
+        Hinv = torch.cholesky_inverse(torch.linalg.cholesky(self.AtA + self.ridge * eye))
+        B = Hinv @ self.AtY
+        alive = torch.arange(self.AtA.shape[0], device=self.AtA.device)
+        while len(alive) > K:
+            cost = B.square().sum(1) / Hinv.diagonal()
+            order = cost.argsort()
+            drop, keep = order[:min(chunk, len(alive) - K)], order[min(chunk, len(alive) - K):].sort().values
+            Hdd = Hinv[drop][:, drop]
+            Hkd = Hinv[keep][:, drop]
+            B = B[keep] - Hkd @ torch.linalg.solve(Hdd, B[drop])
+            Hinv = Hinv[keep][:, keep] - Hkd @ torch.linalg.solve(Hdd, Hkd.t())
+            alive = alive[keep]
+        return alive, B
+
+
 @torch.no_grad()
 def refit_down(student_mlp, inputs, outputs, env, apply=True):
     """Least squares (ridge) for the student's down projection: the W minimising ||A W^T - Y||^2 over the tokens
-    of `inputs` (normed MLP inputs, one (N, C) tensor per batch), with A the student's hidden activations and Y
-    the teacher MLP's `outputs` on them. The statistics A^T A, A^T Y and |Y|^2 are summed over batches and ranks
-    (every rank solves the same system). The refit replaces W only if it lowers the MSE on these tokens
-    (apply=False: only measure). Returns (MSE before, MSE after)."""
+    of `inputs`, with A the student's hidden activations and Y the target `outputs` (see LeastSquares). The refit
+    replaces W only if it lowers the MSE on these tokens (apply=False: only measure). Returns (MSE before, MSE
+    after)."""
     W = student_mlp.down.weight
-    K, C = W.shape[1], W.shape[0]
-    AtA = torch.zeros(K, K, dtype=torch.float64, device=W.device)
-    AtY = torch.zeros(K, C, dtype=torch.float64, device=W.device)
-    sums = torch.zeros(2, dtype=torch.float64, device=W.device)  # |Y|^2, tokens
-    for x, y in zip(inputs, outputs):  # per-batch products in fp32 (4x faster than fp64 on CPU), sums in fp64
-        a = student_mlp.hidden(x)
-        AtA += (a.t() @ a).double()
-        AtY += (a.t() @ y).double()
-        sums[0] += y.double().square().sum()
-        sums[1] += x.shape[0]
-    all_reduce_sum([AtA, AtY, sums], env)
-    # the MSE of a W from the statistics alone; clamped, since cancellation can dip just below 0 at an exact fit
-    mse = lambda Wt: max(0.0, ((sums[0] - 2 * (Wt * AtY).sum() + (Wt * (AtA @ Wt)).sum()) / (sums[1] * C)).item())
-    ridge = REFIT_RIDGE * AtA.diagonal().mean() * torch.eye(K, dtype=torch.float64, device=W.device)
-    fitted = torch.linalg.solve(AtA + ridge, AtY)
-    before, after = mse(W.t().double()), mse(fitted)
-    energy = (sums[0] / (sums[1] * C)).item()
+    problem = LeastSquares(student_mlp, inputs, outputs, env)
+    fitted = problem.solve()
+    before, after = problem.mse(W.t().double()), problem.mse(fitted)
+    energy = (problem.energy_sum / problem.count).item()
     if apply and after < before - 1e-6 * energy:  # a real gain, not a rounding-level one (as at an exact fit)
         W.copy_(fitted.t().to(W.dtype))
         return before, after
     return before, before
 
 
+def candidate_problem(teacher_mlp, kind, inputs, outputs, env):
+    """The LeastSquares problem over every teacher neuron as a `kind` student neuron would compute it (its
+    non-linearity on the teacher's gate rows)."""
+    n = teacher_mlp.down.weight.shape[1]
+    candidates = make_mlp(teacher_mlp.down.weight.shape[0], kind, n).to(teacher_mlp.down.weight)
+    prune_mlp(candidates, teacher_mlp, torch.arange(n))
+    return LeastSquares(candidates, inputs, outputs, env)
+
+
 @torch.no_grad()
-def init_mlps_from_teacher(student, teacher, tokens, layers, env, *, cache_device, refit=True, latent="teacher"):
+def select_and_fit(student_mlp, teacher_mlp, inputs, outputs, env):
+    """The student's neurons chosen among all the teacher's by least squares (LeastSquares.select) on the
+    student's own activations of each teacher neuron (its non-linearity on the teacher's gate rows), and its
+    down projection the exact fit on them. Returns (MSE with the teacher's down columns, MSE after the fit)."""
+    kind = "swiglu" if isinstance(student_mlp, SwiGLU) else student_mlp.activation
+    problem = candidate_problem(teacher_mlp, kind, inputs, outputs, env)
+    kept, fitted = problem.select(student_mlp.down.weight.shape[1])
+    prune_mlp(student_mlp, teacher_mlp, kept)
+    before = problem.mse(teacher_mlp.down.weight[:, kept].t().double(), kept)
+    student_mlp.down.weight.copy_(fitted.t().to(student_mlp.down.weight.dtype))
+    return before, problem.mse(fitted, kept)
+
+
+@torch.no_grad()
+def init_mlps_from_teacher(student, teacher, tokens, layers, env, *, cache_device, refit=True, latent="teacher",
+                           select="importance"):
     """Initialise the student's new MLPs in `layers` from the teacher's: prune (and refit) on the hidden states
     of the batches `tokens` (this rank's list of (B, T) id tensors), walked up the network once in a LayerCache,
-    in fp32. With latent "teacher" each MLP is fit on the teacher's trajectory: the target is the teacher MLP's
-    output. With latent "student" the layers are fit in order on the student's own trajectory (its MLPs below
-    already initialised): the target is what the MLP must add for the student's hidden state after the layer to
-    equal the teacher's, so each refit also corrects the error the pruned layers below it left. Returns
+    in fp32. The neurons kept are the top ones by `mlp_importance` (select "importance"), or those a greedy
+    least-squares elimination keeps (select "lsq": `select_and_fit`, which always refits). With latent
+    "teacher" each MLP is fit on the teacher's trajectory: the target is the teacher MLP's output. With latent
+    "student" the layers are fit in order on the student's own trajectory (its MLPs below already initialised):
+    the target is what the MLP must add for the student's hidden state after the layer to equal the teacher's,
+    so each refit also corrects the error the pruned layers below it left. Returns
     {layer: MSE of the MLP output against that target after pruning, and after the refit} on those tokens."""
     # the MLP input is h + attention(h) and the target is the teacher's block output minus it, so no MLP runs twice
     t0 = time.perf_counter()
@@ -154,14 +217,20 @@ def init_mlps_from_teacher(student, teacher, tokens, layers, env, *, cache_devic
         norm, teacher_mlp, student_mlp = teacher.blocks[i].mlp_norm, teacher.blocks[i].mlp, student.blocks[i].mlp
         xs = [norm(inputs[n].to(env.device)).flatten(0, 1) for n in range(len(tokens))]
         ys = [(targets[n] - inputs[n]).to(env.device).flatten(0, 1) for n in range(len(tokens))]
-        prune_mlp(student_mlp, teacher_mlp, mlp_importance(teacher_mlp, xs, env))
-        pruned, fitted = refit_down(student_mlp, xs, ys, env, apply=refit)
+        if select == "lsq":
+            pruned, fitted = select_and_fit(student_mlp, teacher_mlp, xs, ys, env)
+        else:
+            top = mlp_importance(teacher_mlp, xs, env).topk(student_mlp.down.weight.shape[1]).indices
+            prune_mlp(student_mlp, teacher_mlp, top.sort().values)
+            pruned, fitted = refit_down(student_mlp, xs, ys, env, apply=refit)
         report[i] = {"mse_pruned": pruned, "mse_init": fitted}
         cache.end_layer()
     mean = lambda key: sum(r[key] for r in report.values()) / len(report)
-    say(f"mlp init: top-{student.config.mlp_hidden[layers[0]]} teacher neurons by importance in layers {layers}"
-        + (", down refit by least squares" if refit else "") + f" | mean MLP-output MSE vs the teacher "
-        f"{mean('mse_pruned'):.5f} pruned -> {mean('mse_init'):.5f} | {time.perf_counter() - t0:.1f}s")
+    how = "chosen by least-squares elimination" if select == "lsq" else "top by importance"
+    say(f"mlp init: {student.config.mlp_hidden[layers[0]]} teacher neurons {how} in layers {layers}"
+        + (", down refit by least squares" if refit or select == "lsq" else "")
+        + f" | mean MLP-output MSE vs the teacher {mean('mse_pruned'):.5f} pruned -> {mean('mse_init'):.5f} | "
+          f"{time.perf_counter() - t0:.1f}s")
     return report
 
 
@@ -181,16 +250,16 @@ def load_student(s, start_path, teacher):
 
 
 def init_new_mlps(s, student, teacher, layers, env, cache_device):
-    """distill.py's MLP_INIT=prune: the new MLPs as the teacher's most important neurons, their down projections
-    refit by least squares (REFIT_DOWN), on the first NUM_BATCHES train batches of this rank (the batches phase
-    1's first rotation trains on). The layers are fit in order on the student's own trajectory: on the real
-    SmolLM2 teacher that start is 0.15 (SwiGLU 512) to 0.92 (relu2 768) nats of val CE better than fitting each
-    MLP on the teacher's (README, Performance)."""
+    """distill.py's MLP_INIT=prune: the new MLPs as the teacher's most important neurons (or those least squares
+    keeps, NEURON_SELECT=lsq), their down projections refit by least squares (REFIT_DOWN), on the first
+    NUM_BATCHES train batches of this rank (the batches phase 1's first rotation trains on). The layers are fit
+    in order on the student's own trajectory: on the real SmolLM2 teacher that start is 0.15 (SwiGLU 512) to
+    0.92 (relu2 768) nats of val CE better than fitting each MLP on the teacher's (README, Performance)."""
     loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
                          vocab_size=student.config.vocab_size)
     tokens = [loader.next_batch()[0] for _ in range(s.num_batches)]
     return init_mlps_from_teacher(student, teacher, tokens, layers, env, refit=s.refit_down,
-                                  cache_device=cache_device, latent="student")
+                                  cache_device=cache_device, latent="student", select=s.neuron_select)
 
 
 def check_student_matches_teacher(student_config_, teacher_config, student_source, teacher_source):

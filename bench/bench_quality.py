@@ -120,10 +120,16 @@ def run_recipe(recipe, teacher_dir, data_dir, overrides):
             "phase2_tokens": config["max_steps"] * window * config["grad_accum"] if "2" in config["phases"] else 0}
 
 
-INIT_VARIANTS = [("relu2", 768, "zero", False, "teacher"), ("relu2", 768, "prune", False, "teacher"),
-                 ("relu2", 768, "prune", True, "teacher"), ("relu2", 768, "prune", True, "student"),
-                 ("swiglu", 512, "prune", False, "teacher"), ("swiglu", 512, "prune", True, "teacher"),
-                 ("swiglu", 512, "prune", True, "student")]  # (kind, width, init, refit, latent): all 81.4M parameters
+INIT_VARIANTS = [("relu2", 768, "zero", False, "teacher", "importance"),
+                 ("relu2", 768, "prune", False, "teacher", "importance"),
+                 ("relu2", 768, "prune", True, "teacher", "importance"),
+                 ("relu2", 768, "prune", True, "student", "importance"),
+                 ("relu2", 768, "prune", True, "student", "lsq"),
+                 ("swiglu", 512, "prune", False, "teacher", "importance"),
+                 ("swiglu", 512, "prune", True, "teacher", "importance"),
+                 ("swiglu", 512, "prune", True, "student", "importance"),
+                 ("swiglu", 512, "prune", True, "student", "lsq")]
+# (kind, width, init, refit, latent, neuron select): all 81.4M parameters
 
 
 def init_table(teacher_dir, data_dir):
@@ -145,12 +151,14 @@ def init_table(teacher_dir, data_dir):
     loader = TokenLoader(data_dir, "train", 4, 256)
     tokens = [loader.next_batch()[0] for _ in range(16)]
     rows = ["| student | init | val CE | KL | top-1 agree |", "|---|---|---|---|---|"]
-    for kind, hidden, init, refit, latent in INIT_VARIANTS:
+    for kind, hidden, init, refit, latent, select in INIT_VARIANTS:
         student, new = build_student(teacher, student_config(teacher.config, kind, hidden))
         if init == "prune":
-            init_mlps_from_teacher(student, teacher, tokens, new, env, cache_device="cpu", refit=refit, latent=latent)
+            init_mlps_from_teacher(student, teacher, tokens, new, env, cache_device="cpu", refit=refit, latent=latent,
+                                   select=select)
         r = losses.evaluate(student, val, env, ctx, teacher=teacher, teacher_hidden=teacher_val)
-        how = init + (" + refit" if refit else "") + (" (student latent)" if latent == "student" else "")
+        how = init + (" + refit" if refit else "") + (" (student latent)" if latent == "student" else "") + \
+            (", neurons by least squares" if select == "lsq" else "")
         rows.append(f"| {kind} {hidden} | {how} | {r['val_ce']:.3f} | {r['kl']:.3f} | "
                     f"{100 * r['top1_agree']:.1f}% |")
         print(rows[-1], flush=True)

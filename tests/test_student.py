@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from conftest import REPO, torchrun
 from layer_cache import LayerCache, layer_loss
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, make_mlp
 from runtime import setup_device
-from student import build_student, init_mlps_from_teacher, refit_down, student_config
+from student import LeastSquares, build_student, init_mlps_from_teacher, refit_down, student_config
 
 ENV = {"OMP_NUM_THREADS": "1"}
 
@@ -73,6 +73,42 @@ def test_refit_never_raises_the_fit_mse_and_lowers_the_held_out_mse_of_plain_pru
         assert abs(per_token - report[i]["mse_init"]) <= 1e-4 * per_token + 1e-9
 
 
+def test_least_squares_selection_finds_the_neurons_that_make_the_target_and_their_exact_fit():
+    torch.manual_seed(0)
+    mlp, env = make_mlp(16, "swiglu", 48), setup_device("cpu")
+    inputs = [torch.randn(200, 16) for _ in range(3)]
+    source, weights = torch.tensor([3, 7, 11, 20, 21, 30, 40, 47]), torch.randn(16, 8)
+    with torch.no_grad():
+        outputs = [mlp.hidden(x)[:, source] @ weights.t() for x in inputs]
+    problem = LeastSquares(mlp, inputs, outputs, env)
+    for chunk in (1, 8):
+        kept, fitted = problem.select(8, chunk=chunk)
+        assert torch.equal(kept, source)
+        # the elimination's running update is the ridge solution on the kept neurons, solved directly
+        eye = torch.eye(8, dtype=torch.float64)
+        direct = torch.linalg.solve(problem.AtA[kept][:, kept] + problem.ridge * eye, problem.AtY[kept])
+        torch.testing.assert_close(fitted, direct, rtol=1e-9, atol=1e-9)
+        assert problem.mse(fitted, kept) < 1e-6 * (problem.energy_sum / problem.count).item()
+        torch.testing.assert_close(fitted.t().float(), weights, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind,hidden", [("swiglu", 24), ("relu2", 48)])
+def test_least_squares_selection_fits_better_than_the_importance_ranking(kind, hidden):
+    # enough fit tokens (1,152) for 64 candidate neurons that the better fit is not an overfit
+    teacher, fit, held_out = tiny_teacher(), batches(24, 1), batches(4, 2)
+    students, reports = {}, {}
+    for select in ("importance", "lsq"):
+        students[select], new = build_student(teacher, student_config(teacher.config, kind, hidden, [0, 1, 2]))
+        reports[select] = init_mlps_from_teacher(students[select], teacher, fit, new, setup_device("cpu"),
+                                                 cache_device="cpu", latent="student", select=select)
+    for i in range(3):
+        assert reports["lsq"][i]["mse_init"] < reports["importance"][i]["mse_init"], (i, reports)
+    error = {select: sum(F.mse_loss(s, t).item() for s, t in zip(hidden_after(student, held_out, 2),
+                                                                  hidden_after(teacher, held_out, 2)))
+             for select, student in students.items()}
+    assert error["lsq"] < error["importance"], error
+
+
 def test_refit_keeps_the_current_down_projection_when_the_least_squares_one_is_not_better():
     teacher = tiny_teacher()
     student, _ = build_student(teacher, student_config(teacher.config, "swiglu", 64))
@@ -111,14 +147,15 @@ env = setup_device("cpu")
 teacher = tiny_teacher()
 student, new = build_student(teacher, student_config(teacher.config, "relu2", 40))
 tokens = batches(4, 1)[env.rank::env.world_size]
-init_mlps_from_teacher(student, teacher, tokens, new, env, cache_device="cpu")
+init_mlps_from_teacher(student, teacher, tokens, new, env, cache_device="cpu", latent=sys.argv[2], select=sys.argv[3])
 if env.rank == 0:
     torch.save(student.state_dict(), sys.argv[1])
 shutdown(env)
 """
 
 
-def test_one_process_and_two_gloo_processes_build_the_same_student(tmp_path):
+@pytest.mark.parametrize("latent,select", [("teacher", "importance"), ("student", "lsq")])
+def test_one_process_and_two_gloo_processes_build_the_same_student(tmp_path, latent, select):
     """Importance and least-squares statistics are sums over ranks: two processes with half the batches each
     pick the same neurons and solve the same system as one process with all of them."""
     script = tmp_path / "init.py"
@@ -127,7 +164,7 @@ def test_one_process_and_two_gloo_processes_build_the_same_student(tmp_path):
     outputs = {}
     for nproc in (1, 2):
         outputs[nproc] = tmp_path / f"student_{nproc}.pt"
-        cmd = torchrun("tests/test_student.py", nproc)[:-1] + [str(script), str(outputs[nproc])]
+        cmd = torchrun("tests/test_student.py", nproc)[:-1] + [str(script), str(outputs[nproc]), latent, select]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (torch.load(outputs[n], weights_only=True) for n in (1, 2))
