@@ -13,6 +13,7 @@ backward timed apart from optimizer.step(), alternating steps of the two optimiz
 
     python bench/bench_quality.py --deb r-cran-janeaustenr_1.0.0-1_all.deb --init-only   # once: prepares the text
     python bench/bench_speed.py --tokenizer bench/out/quality/teacher --data-dir bench/out/quality/data
+    python bench/bench_speed.py --ddp    # Newton-Schulz under 2 gloo processes: replicated vs split + all_gather
 """
 import argparse
 import json
@@ -93,6 +94,66 @@ def optimizer_share(args, steps=6):
     return times
 
 
+def ddp_newton_schulz(rank, world_size, port, shapes, repeats, result):
+    """One gloo rank: per step, Newton-Schulz on every matrix (what muon.py does under DDP) vs on this rank's
+    share of them followed by an all-gather of the orthogonalised updates (the speedruns' split)."""
+    import torch
+    import torch.distributed as dist
+
+    from muon import newton_schulz
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    grads = [torch.randn(shape) for shape in shapes]
+    # the split: the matrices of each shape dealt out in turn, so each all_gather call moves equal shapes; a
+    # rank with no matrix left in a round sends zeros
+    rounds = []
+    for shape in sorted(set(shapes)):
+        same = [g for g in grads if tuple(g.shape) == shape]
+        rounds += [same[i:i + world_size] for i in range(0, len(same), world_size)]
+    times = {"every rank, every matrix": [], "split + all_gather": []}
+    for _ in range(repeats):
+        dist.barrier()
+        t0 = time.perf_counter()
+        for g in grads:
+            newton_schulz(g)
+        dist.barrier()
+        times["every rank, every matrix"].append(time.perf_counter() - t0)
+        dist.barrier()
+        t0 = time.perf_counter()
+        for group in rounds:
+            mine = newton_schulz(group[rank]) if rank < len(group) else torch.zeros_like(group[0])
+            dist.all_gather([torch.empty_like(mine) for _ in range(world_size)], mine)
+        dist.barrier()
+        times["split + all_gather"].append(time.perf_counter() - t0)
+    if rank == 0:
+        result.update({k: sorted(v)[len(v) // 2] for k, v in times.items()})
+    dist.destroy_process_group()
+
+
+def ddp_share(args):
+    """The Muon config's matrices under 2 gloo processes on this CPU: replicated Newton-Schulz vs split."""
+    import torch.multiprocessing as mp
+    import yaml
+
+    from model import GPT, GPTConfig
+
+    with open(os.path.join(REPO, "configs", "train_gpt_small_speed.yaml")) as f:
+        config = yaml.safe_load(f)
+    model = GPT(GPTConfig.from_dict({"vocab_size": 49152, **config["model_config"]}))
+    groups = model.configure_optimizer(1e-3, 0.0, (0.9, 0.95), "cpu", muon={"matrix": 0.02, "embed": 0.003,
+                                                                              "head": 0.003, "scalar": 0.01, "momentum": 0.95})
+    shapes = [tuple(p.shape) for g in groups.param_groups if g["use_muon"] for p in g["params"]]
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(ddp_newton_schulz, args=(2, 29517, shapes, args.ddp_repeats, result), nprocs=2)
+        print(f"Muon's Newton-Schulz under 2 gloo processes ({len(shapes)} matrices, "
+              f"{sum(a * b for a, b in shapes) / 1e6:.2f}M entries), median of {args.ddp_repeats} steps:")
+        for kind, seconds in result.items():
+            print(f"  {kind}: {1000 * seconds:.1f} ms per step")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", default=os.path.join(REPO, "bench", "out", "quality", "teacher"))
@@ -101,7 +162,12 @@ def main():
     parser.add_argument("--share-only", action="store_true", help="only the optimizer-step share")
     parser.add_argument("--share-batch-size", type=int, default=None,
                         help="the optimizer-step share at this batch size instead of the config's")
+    parser.add_argument("--ddp", action="store_true",
+                        help="only Newton-Schulz under 2 gloo processes: every rank all matrices vs split + all_gather")
+    parser.add_argument("--ddp-repeats", type=int, default=9)
     args = parser.parse_args()
+    if args.ddp:
+        return ddp_share(args)
     if not args.share_only:
         results = {config: run(config, args) for config in CONFIGS}
         base, speed = results[CONFIGS[0]], results[CONFIGS[1]]
