@@ -7,10 +7,11 @@
     python distill.py --config C --phases select --window 64          # rank layers for full attention by KL
 
 The student is a copy of the teacher (embeddings, attention, norms, head) with per-layer changes: MLPs of another
-kind or width, and/or sliding-window attention in all but a few layers. A new MLP starts as the teacher's most
-important neurons with a down projection refit by least squares, layer by layer on the student's own trajectory,
-so each fit also corrects the error of the pruned layers below it (MLP_INIT=prune, REFIT_DOWN; see student.py),
-or with its down projection at zero, the student being "the teacher minus those MLPs" (MLP_INIT=zero).
+kind or width, and/or sliding-window attention in all but a few layers. A new MLP starts as those of the teacher's
+neurons that a least-squares fit uses best (or the most important ones, NEURON_SELECT) with a down projection fit
+by least squares, layer by layer on the student's own trajectory, so each fit also corrects the error of the
+pruned layers below it (MLP_INIT=prune, REFIT_DOWN; see student.py), or with its down projection at zero, the
+student being "the teacher minus those MLPs" (MLP_INIT=zero).
 
 Phase 1, layer-wise rotation. For each layer i of LAYERS, ROTATIONS times, STEPS_PER_LAYER AdamW steps train only
 layer i's target (decoder: mlp_norm + MLP, attn: attn_norm + attention, or block) to map an input latent to the
@@ -75,7 +76,7 @@ MLP_KIND: Literal[*MLP_KINDS, "keep"] = "relu2"  # MLP of the replaced layers: r
 MLP_HIDDEN: Optional[int] = None  # width of the new MLPs; None = half the teacher's, rounded down to a multiple of 8
 MLP_LAYERS: Optional[list[int]] = None  # layers whose MLP is replaced; None = every layer
 MLP_INIT: Literal["prune", "zero"] = "prune"  # new MLPs start as: prune (the teacher's most important neurons) | zero (down = 0: the teacher minus its MLPs)
-NEURON_SELECT: Literal["importance", "lsq"] = "importance"  # with prune: which teacher neurons to keep: importance (mean |act| x down-column norm) | lsq (greedy least-squares elimination, then the exact fit; needs REFIT_DOWN)
+NEURON_SELECT: Literal["importance", "lsq"] = "lsq"  # with prune: which teacher neurons to keep: lsq (greedy least-squares elimination, then the exact fit; needs REFIT_DOWN) | importance (mean |act| x down-column norm)
 REFIT_DOWN: bool = True  # with prune: refit each new MLP's down projection by least squares, layer by layer on the student's own trajectory, so its hidden state after the layer matches the teacher's
 WINDOW: Optional[int] = None  # sliding-window size W for attention; None = full attention everywhere
 FULL_ATTN_LAYERS: Union[list[int], str] = []  # with WINDOW: layers that keep full attention (a hybrid student), or "auto:N": the top N of SELECTION
@@ -291,7 +292,7 @@ def check_settings(s):
         raise ConfigError(f"mlp_hidden = {s.mlp_hidden}; expected a positive int or none")
     if s.window is not None and s.window < 1:
         raise ConfigError(f"window = {s.window}; expected a positive int or none")
-    if s.neuron_select == "lsq" and not s.refit_down:
+    if s.mlp_init == "prune" and s.neuron_select == "lsq" and not s.refit_down:
         raise ConfigError("neuron_select = lsq chooses the neurons that the least-squares refit fits best; it needs "
                           "refit_down = true (or neuron_select = importance)")
     if isinstance(s.full_attn_layers, str):

@@ -133,16 +133,18 @@ class LeastSquares:
         eye = torch.eye(self.AtA.shape[0], dtype=torch.float64, device=self.AtA.device)
         return torch.linalg.solve(self.AtA + self.ridge * eye, self.AtY)
 
-    def select(self, K, chunk=8):
+    def select(self, K, chunk=None):
         """Greedy backward elimination (Optimal Brain Surgeon for whole neurons): start from the ridge fit on
-        every neuron and repeatedly drop the `chunk` neurons whose removal raises the fitted error least,
-        re-solving for the rest after each drop. With H = A^T A + ridge, removing neuron j from the optimum costs
+        every neuron and repeatedly drop the `chunk` neurons (default: 8, or more for wide teachers, so that
+        there are at most ~128 rounds) whose removal raises the fitted error least, re-solving for the rest
+        after each drop. With H = A^T A + ridge, removing neuron j from the optimum costs
         |B_j|^2 / (H^-1)_jj exactly, and the Schur complement of H^-1 and the matching update of B give the
         exact optimum on the remaining neurons. Returns (kept indices sorted, their fitted (K, C) weights)."""
         eye = torch.eye(self.AtA.shape[0], dtype=torch.float64, device=self.AtA.device)
         Hinv = torch.cholesky_inverse(torch.linalg.cholesky(self.AtA + self.ridge * eye))
         B = Hinv @ self.AtY
         alive = torch.arange(self.AtA.shape[0], device=self.AtA.device)
+        chunk = chunk or max(8, (len(alive) - K) // 128)
         while len(alive) > K:
             cost = B.square().sum(1) / Hinv.diagonal()
             order = cost.argsort()

@@ -142,9 +142,9 @@ def ddp_share(args):
     with open(os.path.join(REPO, "configs", "train_gpt_small_speed.yaml")) as f:
         config = yaml.safe_load(f)
     model = GPT(GPTConfig.from_dict({"vocab_size": 49152, **config["model_config"]}))
-    groups = model.configure_optimizer(1e-3, 0.0, (0.9, 0.95), "cpu", muon={"matrix": 0.02, "embed": 0.003,
-                                                                              "head": 0.003, "scalar": 0.01, "momentum": 0.95})
-    shapes = [tuple(p.shape) for g in groups.param_groups if g["use_muon"] for p in g["params"]]
+    muon_lrs = {"matrix": 0.02, "embed": 0.003, "head": 0.003, "scalar": 0.01, "momentum": 0.95}
+    optimizer = model.configure_optimizer(1e-3, 0.0, (0.9, 0.95), "cpu", muon=muon_lrs)
+    shapes = [tuple(p.shape) for g in optimizer.param_groups if g["use_muon"] for p in g["params"]]
     with mp.Manager() as manager:
         result = manager.dict()
         mp.spawn(ddp_newton_schulz, args=(2, 29517, shapes, args.ddp_repeats, result), nprocs=2)
