@@ -174,22 +174,16 @@ def refit_down(student_mlp, inputs, outputs, env, apply=True):
     return before, before
 
 
-def candidate_problem(teacher_mlp, kind, inputs, outputs, env):
-    """The LeastSquares problem over every teacher neuron as a `kind` student neuron would compute it (its
-    non-linearity on the teacher's gate rows)."""
-    n = teacher_mlp.down.weight.shape[1]
-    candidates = make_mlp(teacher_mlp.down.weight.shape[0], kind, n).to(teacher_mlp.down.weight)
-    prune_mlp(candidates, teacher_mlp, torch.arange(n))
-    return LeastSquares(candidates, inputs, outputs, env)
-
-
 @torch.no_grad()
 def select_and_fit(student_mlp, teacher_mlp, inputs, outputs, env):
     """The student's neurons chosen among all the teacher's by least squares (LeastSquares.select) on the
     student's own activations of each teacher neuron (its non-linearity on the teacher's gate rows), and its
     down projection the exact fit on them. Returns (MSE with the teacher's down columns, MSE after the fit)."""
     kind = "swiglu" if isinstance(student_mlp, SwiGLU) else student_mlp.activation
-    problem = candidate_problem(teacher_mlp, kind, inputs, outputs, env)
+    n = teacher_mlp.down.weight.shape[1]
+    candidates = make_mlp(teacher_mlp.down.weight.shape[0], kind, n).to(teacher_mlp.down.weight)
+    prune_mlp(candidates, teacher_mlp, torch.arange(n))  # every teacher neuron, as the student's kind computes it
+    problem = LeastSquares(candidates, inputs, outputs, env)
     kept, fitted = problem.select(student_mlp.down.weight.shape[1])
     prune_mlp(student_mlp, teacher_mlp, kept)
     before = problem.mse(teacher_mlp.down.weight[:, kept].t().double(), kept)
