@@ -26,6 +26,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "bench"))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 from bench_model import SMOLLM2_135M, build_models  # noqa: E402
+from conftest import torchrun  # noqa: E402
 from model import GPT, GPTConfig, attends, sliding_window_attention  # noqa: E402
 from runtime import autocast  # noqa: E402
 
@@ -168,8 +169,7 @@ def metrics(run_dir):
 
 def run_script(name, argv, timeout, nproc=None):
     """Run a repo script as a user would (through torchrun when `nproc` is given); returns (rc, seconds)."""
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                              if nproc else []) + argv
+    cmd = torchrun(argv[0], nproc, *argv[1:]) if nproc else [sys.executable, *argv]
     t0 = time.perf_counter()
     with open(os.path.join(LOGS, f"{name}.log"), "w") as log:
         # its own process group, so that a timeout ends torchrun's workers too, not only torchrun
