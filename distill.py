@@ -79,6 +79,7 @@ MLP_INIT: Literal["prune", "zero"] = "prune"  # new MLPs start as: prune (the te
 NEURON_SELECT: Literal["importance", "lsq"] = "lsq"  # with prune: which teacher neurons to keep: lsq (greedy least-squares elimination, then the exact fit; needs REFIT_DOWN) | importance (mean |act| x down-column norm)
 REFIT_DOWN: bool = True  # with prune: refit each new MLP's down projection by least squares, layer by layer on the student's own trajectory, so its hidden state after the layer matches the teacher's
 WINDOW: Optional[int] = None  # sliding-window size W for attention; None = full attention everywhere
+SINK_TOKENS: int = 0  # with WINDOW: windowed layers also see the first SINK_TOKENS positions (attention sinks); 0 = the window alone
 FULL_ATTN_LAYERS: Union[list[int], str] = []  # with WINDOW: layers that keep full attention (a hybrid student), or "auto:N": the top N of SELECTION
 # choosing those layers by KL (PHASES=select): each candidate kept full, all others windowed, ranked by val KL
 SELECT_LAYERS: Optional[list[int]] = None  # candidates; None = every windowed layer
@@ -292,6 +293,8 @@ def check_settings(s):
         raise ConfigError(f"mlp_hidden = {s.mlp_hidden}; expected a positive int or none")
     if s.window is not None and s.window < 1:
         raise ConfigError(f"window = {s.window}; expected a positive int or none")
+    if not 0 <= s.sink_tokens <= 64:
+        raise ConfigError(f"sink_tokens = {s.sink_tokens}; expected an int from 0 to 64")
     if s.mlp_init == "prune" and s.neuron_select == "lsq" and not s.refit_down:
         raise ConfigError("neuron_select = lsq chooses the neurons that the least-squares refit fits best; it needs "
                           "refit_down = true (or neuron_select = importance)")
@@ -347,7 +350,8 @@ def describe_models(s, teacher, student, env, dtype):
     c = student.config
     size = lambda m: f"{m.num_params() / 1e6:.2f}M"
     say(f"teacher {s.teacher}: {size(teacher) if teacher is not None else 'not loaded (alpha = 0)'} | student: "
-        f"{size(student)} | mlp {sorted(set(zip(c.mlp_kind, c.mlp_hidden)))} | window {c.window} | "
+        f"{size(student)} | mlp {sorted(set(zip(c.mlp_kind, c.mlp_hidden)))} | window {c.window}"
+        f"{f' + {c.sink_tokens} sink tokens' if c.sink_tokens else ''} | "
         f"device {env.device} x{env.world_size} | {str(dtype).replace('torch.', '')}")
 
 
@@ -666,9 +670,10 @@ def select_full_attention(run):
     candidates = check_layers("select_layers", s.select_layers if s.select_layers is not None else windowed,
                               base.config.n_layer)
     path = os.path.join(s.run_dir, "selection.json")
-    settings = {k: run.config[k] for k in ("teacher", "init_from", "data_dir", "window", "full_attn_layers",
-                                           "mlp_kind", "mlp_hidden", "select_steps", "eval_tokens", "batch_size",
-                                           "seq_len", "alpha", "lr", "lr_attn", "top_k", "temperature")}
+    settings = {k: run.config[k] for k in ("teacher", "init_from", "data_dir", "window", "sink_tokens",
+                                           "full_attn_layers", "mlp_kind", "mlp_hidden", "select_steps",
+                                           "eval_tokens", "batch_size", "seq_len", "alpha", "lr", "lr_attn", "top_k",
+                                           "temperature")}
     record = {"settings": settings, "baseline": None, "candidates": {}, "ranking": []}
     if os.path.exists(path):
         if not s.resume:

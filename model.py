@@ -38,6 +38,7 @@ class GPTConfig:
     skip_connections: bool = False  # U-Net: block n_layer-1-i first adds skip_gate * the output of block i
     value_embeds: int = 0  # tables j = 0..value_embeds-1; layers j and n_layer-1-j add value_gate * table[idx] to v
     block_sparse: object = None  # per layer: None, or S: a windowed layer also sees summary keys (see `attends`)
+    sink_tokens: int = 0  # windowed layers also see the first sink_tokens positions: attention sinks (see `attends`)
 
     def __post_init__(self):
         for name in ("mlp_kind", "mlp_hidden", "window", "block_sparse"):
@@ -58,6 +59,12 @@ class GPTConfig:
                                        not 1 <= sparse <= max(window, 64)):
                 raise ValueError(f"GPTConfig.block_sparse[{i}] = {sparse!r} with window[{i}] = {window!r}; expected "
                                  f"None, or an int from 1 to max(window, 64) on a layer that has a window")
+        if not isinstance(self.sink_tokens, int) or not 0 <= self.sink_tokens <= 64:
+            raise ValueError(f"GPTConfig.sink_tokens = {self.sink_tokens!r}; expected an int from 0 to 64")
+        sparse_layers = [i for i, sparse in enumerate(self.block_sparse) if sparse]
+        if self.sink_tokens and sparse_layers:
+            raise ValueError(f"GPTConfig.sink_tokens = {self.sink_tokens} with block_sparse on layers {sparse_layers}: "
+                             f"a block-sparse layer already sees the first tokens of every block; use one or the other")
         if not isinstance(self.value_embeds, int) or not 0 <= self.value_embeds <= (self.n_layer + 1) // 2:
             raise ValueError(f"GPTConfig.value_embeds = {self.value_embeds!r}; expected an int from 0 to "
                              f"{(self.n_layer + 1) // 2} (table j serves layers j and n_layer-1-j)")
@@ -97,52 +104,69 @@ def band_mask(block, window, device):
     return (j <= block + i) & (j > block + i - window)
 
 
-def attends(q_pos, k_pos, window, sparse=None):
+def attends(q_pos, k_pos, window, sparse=None, sink=0):
     """The attention pattern as one rule on positions (tensors that broadcast, or ints): query q sees key k iff
-    k <= q and q - k < window (None: no window), or, on a block-sparse layer, k is one of the first `sparse`
-    tokens of a block of max(window, 64) tokens that ends before q's block starts. Those periodic summary keys
-    reach the whole context at sparse / block of the cost of full attention."""
+    k <= q and q - k < window (None: no window) or k < sink, or, on a block-sparse layer, k is one of the first
+    `sparse` tokens of a block of max(window, 64) tokens that ends before q's block starts. Those periodic
+    summary keys reach the whole context at sparse / block of the cost of full attention. Sink keys are there
+    because trained softmax attention parks the weight it does not need on the first token (StreamingLLM, Xiao
+    et al. 2023): a window that drops that token moves the weight onto real tokens instead."""
     seen = k_pos <= q_pos
     if window is not None:
-        seen = seen & (q_pos - k_pos < window)
+        seen = seen & ((q_pos - k_pos < window) | (k_pos < sink))
     if sparse:
         block = max(window, 64)
         seen = seen | ((k_pos % block < sparse) & (k_pos // block < q_pos // block))
     return seen
 
 
-def block_sparse_mask(block, window, sparse, n_blocks, device):
-    """(n_blocks-1, S, 2S + (n_blocks-2)*sparse) bool for query blocks 1.. of a block-sparse layer, whose keys are
-    [previous block, this block, the first `sparse` keys of blocks 0..n_blocks-3]. Query block b takes the
-    summary keys of blocks before b-1 only: block b-1's are in its pair already, and twice they would weigh twice."""
+def extra_key_positions(block, sparse, sink, n_blocks, device):
+    """Positions of the keys every query block b >= 1 gets besides its pair [block b-1, block b]: the first
+    `sparse` keys of blocks 0..n_blocks-3 (block-sparse), or the `sink` first keys."""
+    if sink:
+        return torch.arange(sink, device=device)
+    starts = torch.arange(n_blocks - 2, device=device).repeat_interleave(sparse) * block
+    return starts + torch.arange(sparse, device=device).repeat(n_blocks - 2)
+
+
+def pair_mask(block, window, sparse, sink, n_blocks, device):
+    """(n_blocks-1, S, 2S + extra keys) bool for query blocks 1.., whose keys are [previous block, this block,
+    extra_key_positions]. Block b takes an extra key only if it lies before its pair (before position
+    (b-1)*S): one already in the pair would be attended twice and weigh twice."""
     b = torch.arange(1, n_blocks, device=device)[:, None, None]
     q_pos = b * block + torch.arange(block, device=device)[:, None]
     pair = (b - 1) * block + torch.arange(2 * block, device=device)
-    c = torch.arange(n_blocks - 2, device=device).repeat_interleave(sparse)  # the block of each summary key
-    summary = c * block + torch.arange(sparse, device=device).repeat(n_blocks - 2)
-    return torch.cat((attends(q_pos, pair, window, sparse), attends(q_pos, summary, window, sparse) & (c < b - 1)),
-                     dim=-1)
+    extra = extra_key_positions(block, sparse, sink, n_blocks, device)
+    return torch.cat((attends(q_pos, pair, window, sparse, sink),
+                      attends(q_pos, extra, window, sparse, sink) & (extra < (b - 1) * block)), dim=-1)
 
 
-def sliding_window_attention(q, k, v, window, mask_cache, sparse=None):
+def sliding_window_attention(q, k, v, window, mask_cache, sparse=None, sink=0):
     """Causal attention where each query sees the last `window` keys, in blocks so memory is O(T * block).
 
     Queries are cut into blocks of S >= window; block b only needs keys from blocks b-1 and b, so every
     block shares one (S, 2S) mask, built once per shape and device. With `sparse` (block-sparse layers, see
     `attends`) every block b also gets the summary keys of the blocks before it: S x (2S + T*sparse/S) scores
-    per block, and one mask per (batch, length), never a T x T one.
+    per block, and one mask per (batch, length), never a T x T one. With `sink` every block also gets the
+    first `sink` keys: S x (2S + sink) scores.
     """
     B, H, T, D = q.shape
     block = max(window, 64)
-    if T <= block:  # one block: the band mask alone (its last T columns relative to an empty previous block)
-        key = (T, window, q.device)
+    if T <= block:  # one block: the pattern over its own positions
+        key = (T, window, sink, q.device)
         if key not in mask_cache:
-            mask_cache[key] = band_mask(T, window, q.device)[:, T:]
+            pos = torch.arange(T, device=q.device)
+            mask_cache[key] = attends(pos[:, None], pos[None], window, sink=sink)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_cache[key], enable_gqa=True)
     key = (block, window, q.device)
     if key not in mask_cache:
         mask_cache[key] = band_mask(block, window, q.device)
     mask = mask_cache[key]
+    key = (block, window, sink, "block 0", q.device)
+    if key not in mask_cache:  # block 0 has no previous block, and holds the sinks
+        pos = torch.arange(block, device=q.device)
+        mask_cache[key] = attends(pos[:, None], pos[None], window, sink=sink)
+    first_mask = mask_cache[key]
     n_blocks = -(-T // block)
     pad = n_blocks * block - T  # padded keys sit after every real query, so causality already hides them
     if pad:
@@ -154,16 +178,16 @@ def sliding_window_attention(q, k, v, window, mask_cache, sparse=None):
     k_pairs = torch.cat((kb[:, :, :-1], kb[:, :, 1:]), dim=3).transpose(1, 2)  # (B, nb-1, Hkv, 2S, D)
     v_pairs = torch.cat((vb[:, :, :-1], vb[:, :, 1:]), dim=3).transpose(1, 2)
     rest_mask = mask
-    if sparse:  # every pair gets the summary keys of blocks 0..nb-3, masked per query block
-        key = (block, window, sparse, n_blocks, B, q.device)
+    if sparse or sink:  # every pair gets the extra keys (summary or sink), masked per query block
+        key = (block, window, sparse, sink, n_blocks, B, q.device)
         if key not in mask_cache:  # repeated over the batch: a 4-D mask keeps the fused attention kernels
-            mask_cache[key] = block_sparse_mask(block, window, sparse, n_blocks, q.device).repeat(B, 1, 1)[:, None]
+            mask_cache[key] = pair_mask(block, window, sparse, sink, n_blocks, q.device).repeat(B, 1, 1)[:, None]
         rest_mask = mask_cache[key]
-        summary = lambda t: t[:, :, :-2, :sparse].reshape(B, Hkv, 1, -1, D).expand(-1, -1, n_blocks - 1, -1, -1)
-        k_pairs = torch.cat((k_pairs, summary(kb).transpose(1, 2)), dim=3)
-        v_pairs = torch.cat((v_pairs, summary(vb).transpose(1, 2)), dim=3)
-    # block 0 has no previous block: its mask is the right half of the band
-    first = F.scaled_dot_product_attention(qb[:, 0], kb[:, :, 0], vb[:, :, 0], attn_mask=mask[:, block:],
+        extra = extra_key_positions(block, sparse, sink, n_blocks, q.device)
+        extra_keys = lambda t: t[:, :, extra].unsqueeze(1).expand(-1, n_blocks - 1, -1, -1, -1)
+        k_pairs = torch.cat((k_pairs, extra_keys(k)), dim=3)
+        v_pairs = torch.cat((v_pairs, extra_keys(v)), dim=3)
+    first = F.scaled_dot_product_attention(qb[:, 0], kb[:, :, 0], vb[:, :, 0], attn_mask=first_mask,
                                            enable_gqa=True)
     n_keys = k_pairs.shape[3]
     rest = F.scaled_dot_product_attention(qb[:, 1:].reshape(-1, H, block, D),
@@ -181,10 +205,11 @@ def segment_positions(segments):
     return t - torch.where(starts, t, 0).cummax(dim=1).values
 
 
-def segment_mask(segments, positions, window, sparse=None):
+def segment_mask(segments, positions, window, sparse=None, sink=0):
     """(B, 1, T, T) bool: query t sees key s iff both are in the same segment and `attends` says so for their
-    `positions` within it. Dense, O(T^2) per row: packed batches are SFT's short rows, not long-context training."""
-    seen = attends(positions[:, :, None], positions[:, None, :], window, sparse)
+    `positions` within it (so a segment's sinks are its own first tokens). Dense, O(T^2) per row: packed
+    batches are SFT's short rows, not long-context training."""
+    seen = attends(positions[:, :, None], positions[:, None, :], window, sparse, sink)
     return ((segments[:, :, None] == segments[:, None, :]) & seen).unsqueeze(1)
 
 
@@ -207,7 +232,7 @@ class Attention(nn.Module):
     def __init__(self, config, window, sparse=None, value_embed=False):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        self.window, self.sparse = window, sparse
+        self.window, self.sparse, self.sink = window, sparse, config.sink_tokens
         if value_embed:  # from 0: the value embedding enters as the gate learns, so at init v is unchanged
             self.value_gate = nn.Parameter(torch.zeros(()))
         self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
@@ -226,20 +251,20 @@ class Attention(nn.Module):
         if ve is not None:
             v = v + (self.value_gate * ve.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)).to(v.dtype)
         if cache is not None and cache.pos > 0:  # decoding one token against the cached keys
-            k, v = cache.append(k, v)
+            k, v = cache.append(k, v, self.sink)
             # a block-sparse layer caches every position: the new query's row of the forward's mask picks its keys
             seen = attends(k.shape[2] - 1, torch.arange(k.shape[2], device=k.device)[None], self.window,
                            self.sparse) if self.sparse else None
             y = decode_attention(q, k, v, seen)
         else:
             if cache is not None:  # prefill: attend as usual, then keep what later tokens will need
-                cache.append(k, v)
+                cache.append(k, v, self.sink)
             if mask is not None:  # packed conversations: segment_mask, this layer's pattern included
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
             elif self.window is None or self.window >= T:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:
-                y = sliding_window_attention(q, k, v, self.window, self.mask_cache, self.sparse)
+                y = sliding_window_attention(q, k, v, self.window, self.mask_cache, self.sparse, self.sink)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -350,8 +375,8 @@ class Block(nn.Module):
 # KV cache for generation
 
 class KVCache:
-    """Per-layer keys/values: a buffer of max_len for full attention and block-sparse layers, a ring buffer of W
-    for the other sliding layers.
+    """Per-layer keys/values: a buffer of max_len for full attention and block-sparse layers; for the other
+    sliding layers the sink_tokens first positions in fixed slots, then a ring buffer of W for the rest.
 
     Keys are cached after RoPE, so a ring buffer's slot order does not matter to attention.
     """
@@ -361,7 +386,8 @@ class KVCache:
         self.layers = []
         for window, sparse in zip(config.window, config.block_sparse):
             ring = window is not None and sparse is None  # block-sparse layers reach back to position 0
-            size = min(window, max_len) if ring else max_len
+            sink = config.sink_tokens if ring else 0
+            size = min(sink + window, max_len) if ring else max_len
             shape = (batch_size, config.n_kv_head, size, config.head_dim)
             self.layers.append(LayerCache(self, torch.zeros(shape, device=device, dtype=dtype),
                                           torch.zeros(shape, device=device, dtype=dtype), ring))
@@ -378,8 +404,11 @@ class LayerCache:
     def pos(self):
         return self.parent.pos
 
-    def append(self, k, v):
-        """Store k, v (B, Hkv, T, D) for positions pos..pos+T-1; return every cached key/value to attend to."""
+    def append(self, k, v, sink=0):
+        """Store k, v (B, Hkv, T, D) for positions pos..pos+T-1; return every cached key/value to attend to.
+        `sink`: the layer's sink tokens, which a ring buffer keeps in its first slots. It comes from the layer
+        (an nn.Module int, which torch.compile treats as a constant) rather than from this object: as a
+        symbolic int it let a compiled step of one model be reused, wrongly, for a model with other sinks."""
         T, size, pos = k.shape[2], self.k.shape[2], self.parent.pos
         if not self.ring:
             if pos + T > size:
@@ -387,10 +416,18 @@ class LayerCache:
             self.k[:, :, pos:pos + T] = k
             self.v[:, :, pos:pos + T] = v
             return self.k[:, :, :pos + T], self.v[:, :, :pos + T]
-        keep = min(T, size)  # a prefill longer than the window only needs its last W keys later
-        slots = torch.arange(pos + T - keep, pos + T, device=k.device) % size
-        self.k[:, :, slots] = k[:, :, T - keep:]
-        self.v[:, :, slots] = v[:, :, T - keep:]
+        # Later tokens need the sinks and the last W of the others, which is all the buffer holds: position p
+        # lives in slot p if p < sink, else in the ring after them. Whatever it holds, a query may see.
+        ring = max(size - sink, 1)
+        if pos < sink:
+            end = min(pos + T, sink)
+            self.k[:, :, pos:end] = k[:, :, :end - pos]
+            self.v[:, :, pos:end] = v[:, :, :end - pos]
+        start = max(pos + T - ring, sink, pos)  # a prefill longer than the window only needs its last W keys later
+        if start < pos + T:
+            slots = sink + (torch.arange(start, pos + T, device=k.device) - sink) % ring
+            self.k[:, :, slots] = k[:, :, start - pos:]
+            self.v[:, :, slots] = v[:, :, start - pos:]
         filled = min(pos + T, size)
         return self.k[:, :, :filled], self.v[:, :, :filled]
 
@@ -472,7 +509,7 @@ class GPT(nn.Module):
         return self.norm(x)
 
     def attention_patterns(self):
-        return list(zip(self.config.window, self.config.block_sparse))
+        return [(w, s, self.config.sink_tokens) for w, s in zip(self.config.window, self.config.block_sparse)]
 
     def set_windows(self, window):
         """Change the layers' windows at runtime (a window schedule): one value or one per layer, checked as
@@ -501,6 +538,7 @@ class GPT(nn.Module):
         if c.tie_embeddings:
             matmul_params += self.lm_head.weight.numel()
         context = sum(min(w or seq_len, seq_len) + (s * seq_len / max(w, 64) if s else 0)  # + summary keys
+                      + (2 * min(c.sink_tokens, seq_len) if w else 0)  # + sink keys, seen by every query
                       for w, s in zip(c.window, c.block_sparse)) / 2  # average keys per query, causal
         return 6 * matmul_params + 12 * c.n_head * c.head_dim * context
 

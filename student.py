@@ -27,9 +27,9 @@ def check_layers(name, layers, n_layer):
 
 
 def student_config(teacher_config, mlp_kind="relu2", mlp_hidden=None, mlp_layers=None, window=None,
-                   full_attn_layers=()):
+                   full_attn_layers=(), sink_tokens=0):
     """The teacher's GPTConfig with the per-layer MLP and attention-window changes (mlp_kind "keep": the
-    teacher's MLPs)."""
+    teacher's MLPs; sink_tokens: the first positions every windowed layer also sees)."""
     n = teacher_config.n_layer
     fields = dataclasses.asdict(teacher_config)
     if mlp_kind != "keep":
@@ -40,6 +40,7 @@ def student_config(teacher_config, mlp_kind="relu2", mlp_hidden=None, mlp_layers
     if window is not None:
         keep_full = set(check_layers("full_attn_layers", full_attn_layers, n))
         fields["window"] = [None if i in keep_full else window for i in range(n)]
+        fields["sink_tokens"] = sink_tokens
     return GPTConfig.from_dict(fields)
 
 
@@ -237,9 +238,11 @@ def load_student(s, start_path, teacher):
         student, checkpoint = load_model(start_path)
         if teacher is not None:
             check_student_matches_teacher(student.config, teacher.config, start_path, s.teacher)
-        say(f"student: from {start_path} (its architecture; mlp_kind/mlp_hidden/window settings are not used)")
+        say(f"student: from {start_path} (its architecture; mlp_kind/mlp_hidden/window/sink_tokens settings are not "
+            f"used)")
         return student, checkpoint, []
-    config = student_config(teacher.config, s.mlp_kind, s.mlp_hidden, s.mlp_layers, s.window, s.full_attn_layers)
+    config = student_config(teacher.config, s.mlp_kind, s.mlp_hidden, s.mlp_layers, s.window, s.full_attn_layers,
+                            s.sink_tokens)
     student, new_mlps = build_student(teacher, config)
     say(f"student: copy of {s.teacher} with new MLPs in layers {new_mlps} (mlp_init {s.mlp_init})")
     return student, None, new_mlps

@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -34,6 +35,8 @@ def main():
     p.add_argument("--selection", required=True)
     p.add_argument("--n-full", type=int, default=4)
     p.add_argument("--window", type=int, default=64)
+    p.add_argument("--sink-tokens", type=int, help="first positions every windowed layer also sees (default: the "
+                   "recipe's sink_tokens, else 0)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-tokens", type=int, default=8193)
@@ -42,6 +45,8 @@ def main():
     p.add_argument("--out", default=os.path.join(REPO, "bench", "out", "hybrid"))
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    if a.sink_tokens is None:
+        a.sink_tokens = (yaml.safe_load(open(a.recipe)) or {}).get("sink_tokens", 0) if a.recipe else 0
     ranking = json.load(open(a.selection))["ranking"]
     n_layer = 30
     sets = {"ranked": sorted(ranking[:a.n_full]),
@@ -55,7 +60,7 @@ def main():
     results = {}
     for name, full in sets.items():
         student, _ = build_student(teacher, student_config(teacher.config, "keep", window=a.window,
-                                                          full_attn_layers=full))
+                                                          full_attn_layers=full, sink_tokens=a.sink_tokens))
         result = losses.evaluate(student, batches, env, ctx, teacher=teacher, teacher_hidden=teacher_hidden)
         results[name] = {"full_attn_layers": full, "undistilled": result}
         print(f"{name:6s} full {full}: undistilled val CE {result['val_ce']:.4f} (teacher {result['teacher_ce']:.4f},"
@@ -66,7 +71,8 @@ def main():
             run_dir = os.path.join(a.out, f"recipe_{name}")
             t0 = time.perf_counter()
             cmd = [sys.executable, os.path.join(REPO, "distill.py"), "--config", a.recipe, "--teacher", a.teacher,
-                   "--data-dir", a.data_dir, "--run-dir", run_dir, "--full-attn-layers", json.dumps(sets[name])]
+                   "--data-dir", a.data_dir, "--run-dir", run_dir, "--full-attn-layers", json.dumps(sets[name]),
+                   "--sink-tokens", str(a.sink_tokens)]
             proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
             minutes = (time.perf_counter() - t0) / 60
             with open(os.path.join(a.out, f"recipe_{name}.log"), "w") as f:

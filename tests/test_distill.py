@@ -123,13 +123,15 @@ def test_chunked_distill_loss_equals_the_unchunked_loss_and_gradients(alpha, top
 
 def test_student_starts_as_the_teacher_minus_its_replaced_mlps():
     teacher = tiny_gpt()
-    config = student_module.student_config(teacher.config, "relu2", None, [0, 2], window=16, full_attn_layers=[1])
+    config = student_module.student_config(teacher.config, "relu2", None, [0, 2], window=16, full_attn_layers=[1],
+                                           sink_tokens=2)
     assert config.mlp_kind == ["relu2", "swiglu", "relu2"] and config.mlp_hidden == [32, 64, 32]
-    assert config.window == [16, None, 16]
+    assert config.window == [16, None, 16] and config.sink_tokens == 2
     student, new_mlps = student_module.build_student(teacher, config)
     assert new_mlps == [0, 2]
-    # the same function as the teacher whose MLPs 0 and 2 output nothing (with the student's windows)
-    reference = GPT(GPTConfig.from_dict({**teacher.config.__dict__, "window": [16, None, 16]})).eval()
+    # the same function as the teacher whose MLPs 0 and 2 output nothing (with the student's windows and sinks)
+    reference = GPT(GPTConfig.from_dict({**teacher.config.__dict__, "window": [16, None, 16],
+                                         "sink_tokens": 2})).eval()
     reference.load_state_dict(teacher.state_dict())
     for i in new_mlps:
         reference.blocks[i].mlp.down.weight.data.zero_()
@@ -576,13 +578,15 @@ def test_selection_ranks_by_measured_kl_resumes_without_redoing_candidates_and_a
 def test_selection_with_phase2_steps_trains_each_candidate_in_its_own_sub_run(teacher_dir, data_dir, tmp_path):
     run = str(tmp_path / "select")
     run_here(*distill_args(teacher_dir, data_dir, run, "--phases", "select", "--window", "4", "--mlp-kind", "keep",
-                           "--select-steps", "2", "--select-layers", "[0, 2]", "--alpha", "1.0", "--lr", "1e-3"))
+                           "--select-steps", "2", "--select-layers", "[0, 2]", "--alpha", "1.0", "--lr", "1e-3",
+                           "--sink-tokens", "2"))
     selection = json.load(open(os.path.join(run, "selection.json")))
-    assert sorted(selection["candidates"]) == ["0", "2"]
+    assert sorted(selection["candidates"]) == ["0", "2"] and selection["settings"]["sink_tokens"] == 2
     for j in (0, 2):
         mark = json.load(open(os.path.join(run, "select", f"layer_{j:02d}", "step_000002.json")))
         assert mark["eval"]["kl"] == pytest.approx(selection["candidates"][str(j)]["kl"])
         assert mark["model_config"]["window"][j] is None and mark["model_config"]["window"][1] == 4
+        assert mark["model_config"]["sink_tokens"] == 2
 
 
 def test_phase1_trains_only_the_windowed_layers_when_attention_is_all_that_changed():

@@ -88,11 +88,11 @@ def test_real_smollm2_gguf_logits_match_transformers(smollm2_gguf):
     assert hits > 0.5
 
 
-def explicit_mask_attention(q, k, v, window):
+def explicit_mask_attention(q, k, v, window, sink=0):
     T = q.shape[2]
     i = torch.arange(T)[:, None]
     j = torch.arange(T)[None, :]
-    mask = (j <= i) & (j > i - window)
+    mask = (j <= i) & ((j > i - window) | (j < sink))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
@@ -107,11 +107,28 @@ def test_sliding_window_equals_explicit_mask(T, window):
     torch.testing.assert_close(ours, explicit_mask_attention(q, k, v, window), atol=1e-5, rtol=1e-5)
 
 
-def test_sliding_window_model_equals_explicit_mask_model():
+@pytest.mark.parametrize("T,window,sink", [(1, 1, 1), (5, 2, 4), (50, 8, 1), (64, 16, 4), (65, 64, 4), (100, 16, 4),
+                                           (200, 64, 1), (257, 64, 4), (300, 70, 64), (333, 10, 3)])
+def test_sliding_window_with_sink_tokens_equals_explicit_mask(T, window, sink):
+    """Forward and gradients: every query sees its window and the first `sink` keys, each key once (a sink inside
+    the window or inside a query block's pair must not be counted twice)."""
+    g = torch.Generator().manual_seed(T * 1000 + window * 10 + sink)
+    inputs = [torch.randn(2, h, T, 16, generator=g, requires_grad=True) for h in (4, 2, 2)]
+    ours = sliding_window_attention(*inputs, window, {}, sink=sink)
+    expected = explicit_mask_attention(*inputs, window, sink)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(ours.shape, generator=g)
+    ours_grads = torch.autograd.grad(ours, inputs, grad)
+    for a, b in zip(ours_grads, torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sink", [0, 3])
+def test_sliding_window_model_equals_explicit_mask_model(sink):
     """A whole sliding-window model vs the same weights run with explicit masks, including W >= T."""
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=256, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, head_dim=16, mlp_hidden=96,
-                       window=[8, None, 500], max_seq_len=512)
+                       window=[8, None, 500], max_seq_len=512, sink_tokens=sink)
     model = GPT(config).init_weights().eval()
     idx = torch.randint(0, 256, (2, 150))
     def reference(block, x, cos, sin):
@@ -122,7 +139,7 @@ def test_sliding_window_model_equals_explicit_mask_model():
         q = apply_rope(q.view(B, T, a.n_head, a.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(k.view(B, T, a.n_kv_head, a.head_dim).transpose(1, 2), cos, sin)
         v = v.view(B, T, a.n_kv_head, a.head_dim).transpose(1, 2)
-        y = explicit_mask_attention(q, k, v, a.window or T)
+        y = explicit_mask_attention(q, k, v, a.window or T, sink)
         return a.proj(y.transpose(1, 2).reshape(B, T, -1))
 
     with torch.no_grad():
@@ -248,6 +265,10 @@ def test_bad_gpt_config_values_are_named():
         GPTConfig(n_layer=2, mlp_kind=["swiglu", "tanh"])
     with pytest.raises(ValueError, match="window has 3 entries"):
         GPTConfig(n_layer=2, window=[None, 4, 4])
+    with pytest.raises(ValueError, match="sink_tokens = 65; expected an int from 0 to 64"):
+        GPTConfig(n_layer=2, window=4, sink_tokens=65)
+    with pytest.raises(ValueError, match=r"sink_tokens = 4 with block_sparse on layers \[1\]"):
+        GPTConfig(n_layer=2, window=16, block_sparse=[None, 2], sink_tokens=4)
 
 
 def test_swiglu_recompute_matches_plain_autograd():
@@ -309,21 +330,25 @@ def test_optimizer_decays_matrices_and_embeddings_but_not_norm_gains(tied):
     assert len(decay_of) == sum(p.requires_grad for p in model.parameters())  # nothing beyond the model's own
 
 
-@pytest.mark.parametrize("window,compiled", [(None, False), (5, False), pytest.param(5, True, marks=needs_cxx)])
-def test_kv_cache_decoding_matches_full_forward(window, compiled):
+@pytest.mark.parametrize("window,sink,prefill,compiled", [(None, 0, 8, False), (5, 0, 8, False), (5, 3, 8, False),
+                                                       (5, 3, 2, False), (5, 3, 12, False),
+                                                       pytest.param(5, 0, 8, True, marks=needs_cxx),
+                                                       pytest.param(5, 3, 2, True, marks=needs_cxx)])
+def test_kv_cache_decoding_matches_full_forward(window, sink, prefill, compiled):
     """Compiled, a one-token step attends through decode_attention's fused sums of products instead of SDPA: it
-    must give the same logits too (a ring-buffer layer past its window and a full layer, GQA, B=2)."""
+    must give the same logits too (a ring-buffer layer past its window and a full layer, GQA, B=2). With sink
+    tokens: a prefill shorter than the sinks, between, and longer than sinks + window."""
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, mlp_hidden=48,
-                       window=[window, None], max_seq_len=64)
+                       window=[window, None], max_seq_len=64, sink_tokens=sink)
     model = GPT(config).init_weights(std=0.1).eval()
     idx = torch.randint(0, 128, (2, 20))
     with torch.no_grad():
         full = model.logits(idx)
-        decoded, cache = decode_one_by_one(model, idx, 8, compiled)
+        decoded, cache = decode_one_by_one(model, idx, prefill, compiled)
     torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-5)
-    if window:
-        assert cache.layers[0].k.shape[2] == window  # ring buffer of W, not the whole sequence
+    if window:  # the sinks and a ring buffer of W, not the whole sequence
+        assert cache.layers[0].k.shape[2] == sink + window
 
 
 def test_kv_cache_refuses_multi_token_append_after_prefill():
@@ -334,3 +359,18 @@ def test_kv_cache_refuses_multi_token_append_after_prefill():
         model(torch.zeros(1, 4, dtype=torch.long), cache=cache)
         with pytest.raises(ValueError, match="one token per call"):
             model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
+
+
+def test_packed_conversations_with_sink_tokens_equal_each_alone():
+    """Each segment's sinks are its own first tokens, as when it runs alone."""
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, mlp_hidden=48,
+                       window=[8, None], sink_tokens=2)
+    model = GPT(config).init_weights(std=0.1).eval()
+    lengths = (70, 45)
+    idx = torch.randint(0, 96, (1, sum(lengths)), generator=torch.Generator().manual_seed(4))
+    segments = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        packed = model.logits(idx, segments=segments)
+        alone = torch.cat([model.logits(part) for part in idx.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
