@@ -104,26 +104,26 @@ def check_parity(args):
 
 
 def check_window(args):
-    """The blocked sliding-window (and block-sparse) attention on CUDA in bf16, forward and backward, against
-    softmax attention with an explicit (T, T) mask built from `attends`, computed in fp32."""
+    """The blocked sliding-window (block-sparse, sink-token) attention on CUDA in bf16, forward and backward,
+    against softmax attention with an explicit (T, T) mask built from `attends`, computed in fp32."""
     torch.manual_seed(0)
     B, H, Hkv, T, D = 2, 9, 3, 1024, 64
-    for window, sparse in ((64, None), (256, None), (64, 16), (1000, None)):
+    for window, sparse, sink in ((64, None, 0), (256, None, 0), (64, 16, 0), (1000, None, 0), (64, None, 4)):
         q = torch.randn(B, H, T, D, device=args.device, requires_grad=True)
         k = torch.randn(B, Hkv, T, D, device=args.device, requires_grad=True)
         v = torch.randn(B, Hkv, T, D, device=args.device, requires_grad=True)
         pos = torch.arange(T, device=args.device)
-        mask = attends(pos[:, None], pos[None, :], window, sparse)
+        mask = attends(pos[:, None], pos[None, :], window, sparse, sink)
         ref = F.scaled_dot_product_attention(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1),
                                              attn_mask=mask)
         grad_out = torch.randn_like(ref)
         ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
         q16, k16, v16 = (t.detach().to(args.dtype).requires_grad_() for t in (q, k, v))
-        out = sliding_window_attention(q16, k16, v16, window, {}, sparse)
+        out = sliding_window_attention(q16, k16, v16, window, {}, sparse, sink)
         grads = torch.autograd.grad(out, (q16, k16, v16), grad_out.to(args.dtype))
         out_err = (out.float() - ref).abs().max().item()
         grad_err = max(((g.float() - r).abs().max() / r.abs().max()).item() for g, r in zip(grads, ref_grads))
-        report("window_bf16", window=window, sparse=sparse, T=T, max_abs_out_err=out_err,
+        report("window_bf16", window=window, sparse=sparse, sink=sink, T=T, max_abs_out_err=out_err,
                max_rel_grad_err=grad_err, ok=out_err < 0.05 and grad_err < 0.05)
 
 

@@ -601,7 +601,9 @@ def test_phase1_trains_only_the_windowed_layers_when_attention_is_all_that_chang
 def test_the_hybrid_cpu_recipe_takes_its_full_layers_from_the_shipped_ranking(monkeypatch):
     monkeypatch.chdir(REPO)  # the config names the ranking relative to the repo root
     settings, _ = distill.read_settings(["--config", "configs/distill_smollm2_hybrid_cpu_30min.yaml"])
-    ranking = json.load(open("configs/selection_smollm2_w64_t512.json"))["ranking"]
-    assert settings.full_attn_layers == sorted(ranking[:4]) and settings.window == 64
+    selection = json.load(open(settings.selection))
+    assert settings.full_attn_layers == sorted(selection["ranking"][:4]) and settings.window == 64
+    # the ranking was measured on the student the recipe builds: the same window and sinks
+    assert (selection["settings"]["window"], selection["settings"]["sink_tokens"]) == (64, settings.sink_tokens)
     assert sum(1 for i in range(30) if i not in settings.full_attn_layers) >= 26
     assert settings.mlp_kind == "keep" and settings.target_trainable == "attn_out"
