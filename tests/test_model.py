@@ -360,17 +360,3 @@ def test_kv_cache_refuses_multi_token_append_after_prefill():
         with pytest.raises(ValueError, match="one token per call"):
             model(torch.zeros(1, 3, dtype=torch.long), cache=cache)
 
-
-def test_packed_conversations_with_sink_tokens_equal_each_alone():
-    """Each segment's sinks are its own first tokens, as when it runs alone."""
-    torch.manual_seed(0)
-    config = GPTConfig(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, mlp_hidden=48,
-                       window=[8, None], sink_tokens=2)
-    model = GPT(config).init_weights(std=0.1).eval()
-    lengths = (70, 45)
-    idx = torch.randint(0, 96, (1, sum(lengths)), generator=torch.Generator().manual_seed(4))
-    segments = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
-    with torch.no_grad():
-        packed = model.logits(idx, segments=segments)
-        alone = torch.cat([model.logits(part) for part in idx.split(lengths, dim=1)], dim=1)
-    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)

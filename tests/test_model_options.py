@@ -1,5 +1,6 @@
 """model.py's speedrun options (residual gates, U-Net skips, value embeddings, block-sparse attention, window
-schedules) against references: the model of the commit before them, explicit T x T masks, the full forward."""
+schedules; sink tokens in packed rows) against references: the model of the commit before them, explicit T x T
+masks, the full forward."""
 import importlib.util
 import subprocess
 
@@ -201,9 +202,15 @@ def test_kv_cache_decoding_with_every_option_equals_full_forward(compiled):
     assert [layer.k.shape[2] for layer in cache.layers] == [150, 150, 8, 150]
 
 
-def test_packed_conversations_with_block_sparse_layers_equal_each_alone():
-    """Segments restart the blocks of the block-sparse pattern with the positions."""
-    model = all_options_model()
+def sink_tokens_model():
+    return seeded(GPTConfig(**{**SHAPE, "window": [16, None, 8, 64]}, sink_tokens=2))
+
+
+@pytest.mark.parametrize("make_model", [all_options_model, sink_tokens_model])
+def test_packed_conversations_with_block_sparse_or_sink_layers_equal_each_alone(make_model):
+    """Segments restart the blocks of the block-sparse pattern, and the sinks, with the positions: a segment's
+    sinks are its own first tokens."""
+    model = make_model()
     lengths = (150, 140)
     idx = torch.randint(0, 96, (1, sum(lengths)), generator=torch.Generator().manual_seed(4))
     segments = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
