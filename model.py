@@ -1,5 +1,6 @@
 """A Llama-family GPT in one file: RMSNorm, RoPE, grouped-query attention with one fused QKV projection and
-optional per-layer sliding windows, SwiGLU or plain MLPs per layer, and a KV cache for generation.
+optional per-layer sliding windows (with attention sinks if asked), SwiGLU or plain MLPs per layer, and a KV
+cache for generation.
 
 The forward pass returns the final normed hidden states; `logits` applies the LM head. Losses live in
 losses.py, which applies the head a chunk of tokens at a time so the whole batch's fp32 logits never exist.

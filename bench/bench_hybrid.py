@@ -64,7 +64,7 @@ def main():
         result = losses.evaluate(student, batches, env, ctx, teacher=teacher, teacher_hidden=teacher_hidden)
         results[name] = {"full_attn_layers": full, "undistilled": result}
         print(f"{name:6s} full {full}: undistilled val CE {result['val_ce']:.4f} (teacher {result['teacher_ce']:.4f},"
-              f" +{result['val_ce'] - result['teacher_ce']:.3f}) | KL {result['kl']:.4f} | top-1 "
+              f" {result['val_ce'] - result['teacher_ce']:+.3f}) | KL {result['kl']:.4f} | top-1 "
               f"{result['top1_agree']:.1%}", flush=True)
     if a.recipe:
         for name in a.sets.split(","):
@@ -85,7 +85,7 @@ def main():
             final = evals[-1]
             results[name].update(after_phase1=after_phase1, final=final, wall_minutes=minutes)
             print(f"{name:6s} recipe ({minutes:.1f} min): after phase 1 CE {after_phase1['val_ce']:.4f} KL "
-                  f"{after_phase1['kl']:.4f} | final CE {final['val_ce']:.4f} (+{final['val_ce'] - final['teacher_ce']:.3f})"
+                  f"{after_phase1['kl']:.4f} | final CE {final['val_ce']:.4f} ({final['val_ce'] - final['teacher_ce']:+.3f})"
                   f" KL {final['kl']:.4f} top-1 {final['top1_agree']:.1%}", flush=True)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
