@@ -407,9 +407,8 @@ class LayerCache:
 
     def append(self, k, v, sink=0):
         """Store k, v (B, Hkv, T, D) for positions pos..pos+T-1; return every cached key/value to attend to.
-        `sink`: the layer's sink tokens, which a ring buffer keeps in its first slots. It comes from the layer
-        (an nn.Module int, which torch.compile treats as a constant) rather than from this object: as a
-        symbolic int it let a compiled step of one model be reused, wrongly, for a model with other sinks."""
+        `sink`: the layer's sink tokens, which a ring buffer keeps in its first slots; passed by the layer, an
+        nn.Module int that torch.compile treats as a constant."""
         T, size, pos = k.shape[2], self.k.shape[2], self.parent.pos
         if not self.ring:
             if pos + T > size:
