@@ -293,7 +293,7 @@ def check_settings(s):
         raise ConfigError(f"mlp_hidden = {s.mlp_hidden}; expected a positive int or none")
     if s.window is not None and s.window < 1:
         raise ConfigError(f"window = {s.window}; expected a positive int or none")
-    if not 0 <= s.sink_tokens <= 64:
+    if not 0 <= s.sink_tokens <= 64:  # GPTConfig refuses it too, but only after the teacher is loaded
         raise ConfigError(f"sink_tokens = {s.sink_tokens}; expected an int from 0 to 64")
     if s.mlp_init == "prune" and s.neuron_select == "lsq" and not s.refit_down:
         raise ConfigError("neuron_select = lsq chooses the neurons that the least-squares refit fits best; it needs "

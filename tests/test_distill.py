@@ -520,6 +520,7 @@ def test_bad_input_is_refused_before_any_work(teacher_dir, data_dir, tmp_path, b
     other_data = write_token_dataset(tmp_path / "other_data", other_tok, n_docs=40, val_tokens=1000)
     assert "re-run prepare.py with this model's tokenizer" in fails(data=other_data)
     assert "it needs refit_down = true" in fails("--neuron-select", "lsq", "--refit-down", "false")
+    assert "sink_tokens = 65; expected an int from 0 to 64" in fails("--window", "4", "--sink-tokens", "65")
 
 
 def test_a_swiglu_student_exports_to_hugging_face_with_the_same_logits(teacher_dir, data_dir, tmp_path):
