@@ -78,6 +78,7 @@ MLP_LAYERS: Optional[list[int]] = None  # layers whose MLP is replaced; None = e
 MLP_INIT: Literal["prune", "zero"] = "prune"  # new MLPs start as: prune (the teacher's most important neurons) | zero (down = 0: the teacher minus its MLPs)
 NEURON_SELECT: Literal["importance", "lsq"] = "lsq"  # with prune: which teacher neurons to keep: lsq (greedy least-squares elimination, then the exact fit; needs REFIT_DOWN) | importance (mean |act| x down-column norm)
 REFIT_DOWN: bool = True  # with prune: refit each new MLP's down projection by least squares, layer by layer on the student's own trajectory, so its hidden state after the layer matches the teacher's
+REFIT_RIDGE: float = 1e-3  # ridge of those least-squares fits (and of NEURON_SELECT=lsq), relative to the mean diagonal of A^T A: more fits the fit tokens less and held-out text better (README)
 WINDOW: Optional[int] = None  # sliding-window size W for attention; None = full attention everywhere
 SINK_TOKENS: int = 0  # with WINDOW: windowed layers also see the first SINK_TOKENS positions (attention sinks); 0 = the window alone
 FULL_ATTN_LAYERS: Union[list[int], str] = []  # with WINDOW: layers that keep full attention (a hybrid student), or "auto:N": the top N of SELECTION
@@ -284,7 +285,7 @@ def check_settings(s):
     check_at_least(vars(s), 0, ("top_k", "warmup_layer", "warmup_steps", "checkpoint_every",
                                 "checkpoint_every_layer", "keep_checkpoints", "eval_every_layers"))
     check_at_least(vars(s), 0.0, ("weight_decay", "grad_clip", "cosine_weight"))
-    check_positive(vars(s), ("lr", "lr_layer", "temperature"))
+    check_positive(vars(s), ("lr", "lr_layer", "temperature", "refit_ridge"))
     check_positive(vars(s), [k for k in ("lr_attn", "lr_attn_layer", "target_tokens") if getattr(s, k) is not None])
     check_fraction(vars(s), ("alpha", "cooldown_frac", "min_lr_frac", "betas"))
     check_at_least(vars(s), 0.0, ("kd_adaptive",) if s.loss_multi is None else ("kd_adaptive", "loss_multi"))

@@ -68,7 +68,8 @@ def build_student(teacher, config):
 # ----------------------------------------------------------------------------------------------------------
 # MLP initialisation from the teacher
 
-REFIT_RIDGE = 1e-4  # ridge of the least-squares refit, relative to the mean diagonal of A^T A: keeps it well posed
+REFIT_RIDGE = 1e-4  # default ridge of the least-squares fits, relative to the mean diagonal of A^T A: keeps them
+# well posed (distill.py's REFIT_RIDGE sets it per run: more ridge fits the fit tokens less and the rest better)
 
 
 @torch.no_grad()
@@ -104,10 +105,11 @@ def mlp_importance(teacher_mlp, inputs, env):
 class LeastSquares:
     """The statistics of the least-squares problem min_W ||A W^T - Y||^2 over the tokens of `inputs` (normed MLP
     inputs, one (N, C) tensor per batch): A = mlp.hidden(x), Y = `outputs`. A^T A, A^T Y and |Y|^2 are summed
-    in fp64 over batches and ranks, so every rank solves the same system."""
+    in fp64 over batches and ranks, so every rank solves the same system. `ridge` is relative to the mean
+    diagonal of A^T A."""
 
     @torch.no_grad()
-    def __init__(self, mlp, inputs, outputs, env):
+    def __init__(self, mlp, inputs, outputs, env, ridge=REFIT_RIDGE):
         K, C = mlp.down.weight.shape[1], mlp.down.weight.shape[0]
         device = mlp.down.weight.device
         self.AtA = torch.zeros(K, K, dtype=torch.float64, device=device)
@@ -122,7 +124,7 @@ class LeastSquares:
         all_reduce_sum([self.AtA, self.AtY, sums], env)
         self.energy_sum, self.count = sums[0], sums[1] * C
         # keeps the system well posed where neurons are (nearly) collinear or dead
-        self.ridge = REFIT_RIDGE * self.AtA.diagonal().mean()
+        self.ridge = ridge * self.AtA.diagonal().mean()
 
     def mse(self, Wt, kept=None):
         """The MSE of the (K', C) weights Wt on the neurons `kept` (default all), from the statistics alone;
@@ -159,13 +161,13 @@ class LeastSquares:
 
 
 @torch.no_grad()
-def refit_down(student_mlp, inputs, outputs, env, apply=True):
+def refit_down(student_mlp, inputs, outputs, env, apply=True, ridge=REFIT_RIDGE):
     """Least squares (ridge) for the student's down projection: the W minimising ||A W^T - Y||^2 over the tokens
     of `inputs`, with A the student's hidden activations and Y the target `outputs` (see LeastSquares). The refit
     replaces W only if it lowers the MSE on these tokens (apply=False: only measure). Returns (MSE before, MSE
     after)."""
     W = student_mlp.down.weight
-    problem = LeastSquares(student_mlp, inputs, outputs, env)
+    problem = LeastSquares(student_mlp, inputs, outputs, env, ridge)
     fitted = problem.solve()
     before, after = problem.mse(W.t().double()), problem.mse(fitted)
     energy = (problem.energy_sum / problem.count).item()
@@ -176,7 +178,7 @@ def refit_down(student_mlp, inputs, outputs, env, apply=True):
 
 
 @torch.no_grad()
-def select_and_fit(student_mlp, teacher_mlp, inputs, outputs, env):
+def select_and_fit(student_mlp, teacher_mlp, inputs, outputs, env, ridge=REFIT_RIDGE):
     """The student's neurons chosen among all the teacher's by least squares (LeastSquares.select) on the
     student's own activations of each teacher neuron (its non-linearity on the teacher's gate rows), and its
     down projection the exact fit on them. Returns (MSE with the teacher's down columns, MSE after the fit)."""
@@ -184,7 +186,7 @@ def select_and_fit(student_mlp, teacher_mlp, inputs, outputs, env):
     n = teacher_mlp.down.weight.shape[1]
     candidates = make_mlp(teacher_mlp.down.weight.shape[0], kind, n).to(teacher_mlp.down.weight)
     prune_mlp(candidates, teacher_mlp, torch.arange(n))  # every teacher neuron, as the student's kind computes it
-    problem = LeastSquares(candidates, inputs, outputs, env)
+    problem = LeastSquares(candidates, inputs, outputs, env, ridge)
     kept, fitted = problem.select(student_mlp.down.weight.shape[1])
     prune_mlp(student_mlp, teacher_mlp, kept)
     before = problem.mse(teacher_mlp.down.weight[:, kept].t().double(), kept)
@@ -194,7 +196,7 @@ def select_and_fit(student_mlp, teacher_mlp, inputs, outputs, env):
 
 @torch.no_grad()
 def init_mlps_from_teacher(student, teacher, tokens, layers, env, *, cache_device, refit=True, latent="teacher",
-                           select="importance"):
+                           select="importance", ridge=REFIT_RIDGE):
     """Initialise the student's new MLPs in `layers` from the teacher's: prune (and refit) on the hidden states
     of the batches `tokens` (this rank's list of (B, T) id tensors), walked up the network once in a LayerCache,
     in fp32. The neurons kept are the top ones by `mlp_importance` (select "importance"), or those a greedy
@@ -215,11 +217,11 @@ def init_mlps_from_teacher(student, teacher, tokens, layers, env, *, cache_devic
         xs = [norm(inputs[n].to(env.device)).flatten(0, 1) for n in range(len(tokens))]
         ys = [(targets[n] - inputs[n]).to(env.device).flatten(0, 1) for n in range(len(tokens))]
         if select == "lsq":
-            pruned, fitted = select_and_fit(student_mlp, teacher_mlp, xs, ys, env)
+            pruned, fitted = select_and_fit(student_mlp, teacher_mlp, xs, ys, env, ridge)
         else:
             top = mlp_importance(teacher_mlp, xs, env).topk(student_mlp.down.weight.shape[1]).indices
             prune_mlp(student_mlp, teacher_mlp, top.sort().values)
-            pruned, fitted = refit_down(student_mlp, xs, ys, env, apply=refit)
+            pruned, fitted = refit_down(student_mlp, xs, ys, env, apply=refit, ridge=ridge)
         report[i] = {"mse_pruned": pruned, "mse_init": fitted}
         cache.end_layer()
     mean = lambda key: sum(r[key] for r in report.values()) / len(report)
@@ -259,7 +261,8 @@ def init_new_mlps(s, student, teacher, layers, env, cache_device):
                          vocab_size=student.config.vocab_size)
     tokens = [x for x, _ in loader.spread_windows(s.num_batches)]
     return init_mlps_from_teacher(student, teacher, tokens, layers, env, refit=s.refit_down,
-                                  cache_device=cache_device, latent="student", select=s.neuron_select)
+                                  cache_device=cache_device, latent="student", select=s.neuron_select,
+                                  ridge=s.refit_ridge)
 
 
 def check_student_matches_teacher(student_config_, teacher_config, student_source, teacher_source):

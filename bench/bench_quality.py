@@ -15,6 +15,7 @@ Run:
     python bench/bench_quality.py --deb r-cran-janeaustenr_1.0.0-1_all.deb       # every recipe in RECIPES
     python bench/bench_quality.py --deb ... --recipes distill_smollm2_cpu_30min --set steps_per_layer=50
     python bench/bench_quality.py --init-only        # the students right after their init, before any training
+    python bench/bench_quality.py --init-only --variants swiglu-lsq --init-windows spread --init-batches 64
 """
 import argparse
 import glob
@@ -132,9 +133,11 @@ INIT_VARIANTS = [("relu2", 768, "zero", False, "teacher", "importance"),
 # (kind, width, init, refit, latent, neuron select): all 81.4M parameters
 
 
-def init_table(teacher_dir, data_dir):
-    """The student right after its initialisation, no training: val CE, KL and top-1 agreement per variant, on
-    the same val windows and init batches (the first 16 train batches of 4 x 256) as the recipes."""
+def init_table(teacher_dir, data_dir, variants, windows, batches, ridge):
+    """The student right after its initialisation, no training: val CE, KL and top-1 agreement per variant (all,
+    or those named "kind-select", e.g. swiglu-lsq), on the recipes' val windows, fit on `batches` train windows of
+    4 x 256: the first ones (as distill.py chose them before) or spread over the split (distill.py now), with a
+    least-squares ridge of `ridge`."""
     import contextlib
 
     sys.path.insert(0, REPO)
@@ -149,16 +152,20 @@ def init_table(teacher_dir, data_dir):
     val = list(val_batches(data_dir, 4, 256, 32768))
     teacher_val = losses.teacher_val_hidden(teacher, val, ctx)
     loader = TokenLoader(data_dir, "train", 4, 256)
-    tokens = [loader.next_batch()[0] for _ in range(16)]
+    tokens = [x for x, _ in loader.spread_windows(batches)] if windows == "spread" else \
+        [loader.next_batch()[0] for _ in range(batches)]
     rows = ["| student | init | val CE | KL | top-1 agree |", "|---|---|---|---|---|"]
     for kind, hidden, init, refit, latent, select in INIT_VARIANTS:
+        if variants and f"{kind}-{select}" not in variants:
+            continue
         student, new = build_student(teacher, student_config(teacher.config, kind, hidden))
         if init == "prune":
             init_mlps_from_teacher(student, teacher, tokens, new, env, cache_device="cpu", refit=refit, latent=latent,
-                                   select=select)
+                                   select=select, ridge=ridge)
         r = losses.evaluate(student, val, env, ctx, teacher=teacher, teacher_hidden=teacher_val)
         how = init + (" + refit" if refit else "") + (" (student latent)" if latent == "student" else "") + \
-            (", neurons by least squares" if select == "lsq" else "")
+            (", neurons by least squares" if select == "lsq" else "") + \
+            (f", {batches} {windows} windows, ridge {ridge:g}" if init == "prune" else "")
         rows.append(f"| {kind} {hidden} | {how} | {r['val_ce']:.3f} | {r['kl']:.3f} | "
                     f"{100 * r['top1_agree']:.1f}% |")
         print(rows[-1], flush=True)
@@ -185,6 +192,11 @@ def main():
                         help="the r-cran-janeaustenr .deb (apt-get download r-cran-janeaustenr)")
     parser.add_argument("--recipes", default=",".join(RECIPES), help="configs/<name>.yaml, comma-separated")
     parser.add_argument("--init-only", action="store_true", help="only the students right after their init")
+    parser.add_argument("--variants", default="", help="--init-only: these rows only, e.g. swiglu-lsq,relu2-lsq")
+    parser.add_argument("--init-windows", choices=("first", "spread"), default="first",
+                        help="--init-only: fit on the first train windows or on windows spread over the split")
+    parser.add_argument("--init-batches", type=int, default=16, help="--init-only: train windows of 4 x 256 to fit on")
+    parser.add_argument("--refit-ridge", type=float, default=1e-4, help="--init-only: the least-squares ridge")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a distill.py override for every recipe (repeatable), e.g. --set steps_per_layer=50")
     args = parser.parse_args()
@@ -194,7 +206,8 @@ def main():
                          "--deb r-cran-janeaustenr_<version>_all.deb")
     teacher_dir, data_dir = prepare_data(args)
     if args.init_only:
-        return init_table(teacher_dir, data_dir)
+        return init_table(teacher_dir, data_dir, [v for v in args.variants.split(",") if v], args.init_windows,
+                          args.init_batches, args.refit_ridge)
     overrides = [f"--{kv.split('=', 1)[0].replace('_', '-')}={kv.split('=', 1)[1]}" for kv in args.set]
     results = []
     for recipe in args.recipes.split(","):

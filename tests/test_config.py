@@ -191,6 +191,7 @@ def test_a_literal_setting_takes_each_listed_value_from_yaml_or_cli_and_shows_th
     ("train.py", ["--betas", "0.9,1.5"], "betas = (0.9, 1.5); expected value(s) in [0, 1]"),
     ("distill.py", ["--temperature", "inf"], "key 'temperature': expected a float, got 'inf'"),
     ("distill.py", ["--lr-layer", "0"], "lr_layer = 0.0; expected a value > 0"),
+    ("distill.py", ["--refit-ridge", "0"], "refit_ridge = 0.0; expected a value > 0"),
     ("distill.py", ["--alpha", "1.5"], "alpha = 1.5; expected value(s) in [0, 1]"),
     ("distill.py", ["--min-lr-frac", "2"], "min_lr_frac = 2.0; expected value(s) in [0, 1]"),
 ])

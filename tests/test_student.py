@@ -92,6 +92,26 @@ def test_least_squares_selection_finds_the_neurons_that_make_the_target_and_thei
         torch.testing.assert_close(fitted.t().float(), weights, rtol=0, atol=1e-3)
 
 
+def test_the_ridge_fit_is_least_squares_on_the_augmented_system_and_more_ridge_fits_the_fit_tokens_less():
+    torch.manual_seed(4)
+    mlp, env = make_mlp(12, "relu2", 20), setup_device("cpu")
+    inputs = [torch.randn(150, 12) for _ in range(2)]
+    outputs = [torch.randn(150, 12) for _ in range(2)]
+    with torch.no_grad():
+        A, Y = torch.cat([mlp.hidden(x) for x in inputs]).double(), torch.cat(outputs).double()
+    fit_mse = []
+    for ridge in (1e-4, 1e-2, 1e-1):
+        problem = LeastSquares(mlp, inputs, outputs, env, ridge)
+        # ridge regression is plain least squares on A stacked over sqrt(lambda) I (and Y over zeros)
+        lam = ridge * (A * A).sum(0).mean()
+        reference = torch.linalg.lstsq(torch.cat([A, lam.sqrt() * torch.eye(20, dtype=torch.float64)]),
+                                       torch.cat([Y, torch.zeros(20, 12, dtype=torch.float64)])).solution
+        fitted = problem.solve()
+        torch.testing.assert_close(fitted, reference, rtol=1e-4, atol=1e-6)  # fp32 products per batch
+        fit_mse.append(problem.mse(fitted))
+    assert fit_mse[0] < fit_mse[1] < fit_mse[2]
+
+
 @pytest.mark.parametrize("kind,hidden", [("swiglu", 24), ("relu2", 48)])
 def test_least_squares_selection_fits_better_than_the_importance_ranking(kind, hidden):
     # enough fit tokens (1,152) for 64 candidate neurons that the better fit is not an overfit
