@@ -222,14 +222,16 @@ class TokenLoader:
         self.position = int(state["position"])
 
     def spread_windows(self, count):
-        """`count` windows for this rank, spread evenly over the whole split instead of its first `count` x world
-        size: a fit on them sees all of the corpus, not only its first documents (a local corpus is often stored
-        book after book). Together the ranks read `count` x world size distinct windows, the same set for any
-        world size; a split with fewer whole windows gives them in stream order, wrapping. Reads only."""
-        window, wanted = self.batch_size * self.seq_len, count * self.world_size
-        whole = (self.total - 1) // window
-        return [self.window_at((j * whole // wanted if whole >= wanted else j) * window)
-                for j in range(self.rank, wanted, self.world_size)]
+        """`count` windows for this rank, spread evenly over the whole split instead of its first `count` rounds:
+        a fit on them sees all of the corpus, not only its first documents (a local corpus is often stored book
+        after book). Rounds of the ranks are placed as next_batch places them (rank r reads B*T tokens at offset
+        r*B*T in each), so W ranks with batch B read exactly the tokens one process with batch W*B reads. A split
+        with fewer than `count` whole rounds gives them in stream order, wrapping. Reads only."""
+        window = self.batch_size * self.seq_len
+        step = window * self.world_size  # one round of the ranks
+        whole = (self.total - 1) // step
+        return [self.window_at((k * whole // count if whole >= count else k) * step + self.rank * window)
+                for k in range(count)]
 
     def window_at(self, start):
         """The window of B*T+1 tokens at stream offset `start` (wrapping), as (x, y) int64 (B, T) on the device.

@@ -207,21 +207,22 @@ def test_window_at_reads_any_offset_without_moving_the_loader(tmp_path):
     assert torch.equal(loader.next_batch()[0], loader.window_at(0)[0])
 
 
-def test_spread_windows_cover_the_whole_split_the_same_for_any_world_size(tmp_path):
-    stream = make_dataset(str(tmp_path), {"train": [400, 333]})["train"]  # 733 tokens: 36 whole windows of 20
-    B, T = 4, 5
+def test_spread_windows_cover_the_whole_split_and_split_a_batch_over_ranks_as_next_batch_does(tmp_path):
+    stream = make_dataset(str(tmp_path), {"train": [400, 333]})["train"]  # 733 tokens: 24 whole windows of 30
+    B, T = 6, 5
     one = TokenLoader(str(tmp_path), "train", B, T).spread_windows(6)
-    starts = [k * 36 // 6 * B * T for k in range(6)]  # windows 0, 6, ..., 30: from the start to the last sixth
+    starts = [k * 24 // 6 * B * T for k in range(6)]  # windows 0, 4, ..., 20: from the start to the last sixth
     assert starts[-1] >= 733 * 4 // 5
     for (x, y), start in zip(one, starts):
         expected = window(stream, start, B * T + 1)
         assert x.flatten().tolist() == expected[:-1].tolist() and y.flatten().tolist() == expected[1:].tolist()
-    for world_size in (2, 3):  # the ranks' windows together are the one-process set, each read once
-        per_rank = [TokenLoader(str(tmp_path), "train", B, T, rank=r, world_size=world_size).spread_windows(
-            6 // world_size) for r in range(world_size)]
-        merged = [per_rank[j % world_size][j // world_size][0] for j in range(6)]
-        assert all(torch.equal(a, b) for a, (b, _) in zip(merged, one))
-    few = TokenLoader(str(tmp_path), "train", B, T).spread_windows(40)  # more than the 36 windows: stream order
+    for world_size in (2, 3):  # W ranks with batch B / W read the rows of one process's windows, in rank order
+        per_rank = [TokenLoader(str(tmp_path), "train", B // world_size, T, rank=r, world_size=world_size)
+                    .spread_windows(6) for r in range(world_size)]
+        for k, (x, y) in enumerate(one):
+            assert torch.equal(torch.cat([per_rank[r][k][0] for r in range(world_size)]), x)
+            assert torch.equal(torch.cat([per_rank[r][k][1] for r in range(world_size)]), y)
+    few = TokenLoader(str(tmp_path), "train", B, T).spread_windows(30)  # more than the 24 windows: stream order
     assert all(torch.equal(x, torch.from_numpy(window(stream, k * B * T, B * T)).view(B, T))
                for k, (x, _) in enumerate(few))
 
