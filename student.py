@@ -252,8 +252,8 @@ def load_student(s, start_path, teacher):
 
 def init_new_mlps(s, student, teacher, layers, env, cache_device):
     """distill.py's MLP_INIT=prune: the new MLPs as the teacher's most important neurons (or those least squares
-    keeps, NEURON_SELECT=lsq), their down projections refit by least squares (REFIT_DOWN), on the first
-    NUM_BATCHES train windows of this rank spread evenly over the train split. The layers are fit in order on the
+    keeps, NEURON_SELECT=lsq), their down projections refit by least squares (REFIT_DOWN, ridge
+    REFIT_RIDGE), on NUM_BATCHES train windows of this rank spread evenly over the train split. The layers are fit in order on the
     student's own trajectory: on the real SmolLM2 teacher that start is 0.15 (SwiGLU 512) to 0.92 (relu2 768)
     nats of val CE better than fitting each MLP on the teacher's. Spread windows, not the first ones: the fit
     overfits its tokens' documents, by 0.06 nats of val KL on a corpus stored novel after novel (README)."""
