@@ -30,6 +30,7 @@ LOSS, START = 1, 2  # mask flag bits: the token is a target of the loss (assista
 MANIFEST_KEYS = ("shards", "tokenizer", "totals")
 SHARD_KEYS = ("split", "file", "bytes", "sha256", "ntok")
 TOKENIZER_KEYS = ("source", "vocab_size", "fingerprint", "separator_id", "separator_token")
+LOADER_ORDERS = ("stream", "shuffled")  # TokenLoader: the stream in order, or its rounds of windows shuffled each epoch
 
 
 class ShardError(ValueError):
@@ -164,9 +165,19 @@ class TokenLoader:
     Window k is stream[k*B*T : k*B*T + B*T + 1], so a batch may cross document and shard boundaries. Rank r of
     W reads windows r, r+W, r+2W, ...: together the ranks read each window once. Where the ranks are in the
     stream is one integer (`position`, the same on every rank), which makes resume exact.
+
+    order="shuffled" reads the same rounds (W consecutive windows, one per rank) in a random order instead: a
+    fresh permutation of the split's whole rounds each epoch, drawn from (seed, epoch). A corpus stored book
+    after book is then sampled all over from the first step, as nanoGPT's random windows are; a web corpus that
+    prepare.py streams is shuffled already. `position` still counts the tokens read, so resume stays exact; a
+    resume under another batch size or world size continues another permutation. The split's last partial
+    round is never read in this order.
     """
 
-    def __init__(self, data_dir, split, batch_size, seq_len, *, rank=0, world_size=1, device="cpu", vocab_size=None):
+    def __init__(self, data_dir, split, batch_size, seq_len, *, rank=0, world_size=1, device="cpu", vocab_size=None,
+                 order="stream", seed=0):
+        if order not in LOADER_ORDERS:
+            raise ValueError(f"loader order '{order}': expected one of {LOADER_ORDERS}")
         manifest = read_manifest(data_dir)
         shards = [s for s in manifest["shards"] if s["split"] == split]
         if not shards:
@@ -188,26 +199,54 @@ class TokenLoader:
         if self.total < batch_size * seq_len + 1:
             raise ValueError(f"split '{split}' of '{data_dir}' has {self.total} tokens, fewer than one batch "
                              f"window of batch_size * seq_len + 1 = {batch_size * seq_len + 1}")
+        self.order, self.seed = order, seed
+        self.rounds = (self.total - 1) // (world_size * batch_size * seq_len)  # whole rounds, each with its +1 token
+        if order == "shuffled" and self.rounds == 0:
+            raise ValueError(f"split '{split}' of '{data_dir}' has {self.total} tokens, fewer than one round of the "
+                             f"{world_size} ranks' windows ({world_size * batch_size * seq_len + 1}) to shuffle")
+        self._permutation = (None, None)  # (epoch, its order of the rounds), drawn when first needed
         self._shards = {}  # shard index -> memmap; opened, and vocab-checked, on first use
         self.position = 0  # stream offset where the ranks' next round of windows starts
         self.last_start = None  # the stream offset of the window next_batch returned last
 
     @property
     def epoch(self):
-        """How many times the stream has wrapped."""
+        """How many passes over the split have finished: the stream wrapped, or every round was shuffled in."""
+        if self.order == "shuffled":
+            return self.position // (self.rounds * self.world_size * self.batch_size * self.seq_len)
         return self.position // self.total
 
     def next_batch(self):
         window = self.batch_size * self.seq_len
-        self.last_start = self.position + self.rank * window
+        self.last_start = self.round_start(self.position) + self.rank * window
         batch = self.window_at(self.last_start)
         self.position += self.world_size * window
         return batch
 
+    def round_start(self, position):
+        """The stream offset of the round of windows that the ranks read when `position` tokens have been read."""
+        if self.order == "stream":
+            return position
+        round_tokens = self.world_size * self.batch_size * self.seq_len
+        epoch, index = divmod(position // round_tokens, self.rounds)
+        if self._permutation[0] != epoch:
+            self._permutation = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.rounds))
+        return int(self._permutation[1][index]) * round_tokens
+
+    def span(self, rounds):
+        """[first, last) stream offsets that the next `rounds` rounds of the ranks read (unwrapped: a stream-order
+        span may run past the split's end, as the teacher cache counts offsets). Reads nothing."""
+        round_tokens = self.world_size * self.batch_size * self.seq_len
+        if self.order == "stream":
+            return self.position, self.position + rounds * round_tokens
+        starts = [self.round_start(self.position + k * round_tokens) for k in range(rounds)]
+        return min(starts), max(starts) + round_tokens
+
     def state_dict(self):
         # no batch size, seq_len or world size: a resume may change them (train.py reports what changed) and the
         # stream position alone says where to continue; epoch is derived, there for whoever reads the checkpoint
-        return {"split": self.split, "position": self.position, "total_tokens": self.total, "epoch": self.epoch}
+        return {"split": self.split, "position": self.position, "total_tokens": self.total, "epoch": self.epoch,
+                "order": self.order, "seed": self.seed}
 
     def load_state_dict(self, state):
         """Continue at the saved stream position (any rank may load rank 0's state: it is the same on all).
@@ -219,6 +258,11 @@ class TokenLoader:
             raise ValueError(f"loader state is for split '{state['split']}' with {state['total_tokens']} tokens, "
                              f"but this loader reads split '{self.split}' of '{self.data_dir}' with {self.total} "
                              f"tokens: the data changed since the checkpoint was saved")
+        saved = (state.get("order", "stream"), int(state.get("seed", 0)))  # states saved before orders: stream
+        if saved[0] != self.order or (self.order == "shuffled" and saved[1] != self.seed):
+            raise ValueError(f"loader state was saved reading split '{self.split}' in order {saved[0]} (seed "
+                             f"{saved[1]}), but this loader reads it in order {self.order} (seed {self.seed}): "
+                             f"resume with the order and seed of the saved run")
         self.position = int(state["position"])
 
     def spread_windows(self, count):

@@ -134,7 +134,8 @@ BETAS: tuple[float, float] = (0.9, 0.95)  # AdamW betas
 GRAD_CLIP: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
 EVAL_TOKENS: int = 65_536  # fixed val tokens: the layer-local val loss and the end-to-end eval at every checkpoint
 LOSS_CHUNK: int = 1024  # tokens per chunk of logits in the KD/CE loss and in eval
-SEED: int = 1337  # seeds the new MLPs' init and the order in which a layer's steps visit the cached batches
+SEED: int = 1337  # seeds the new MLPs' init, the order in which a layer's steps visit the cached batches, and DATA_ORDER shuffled
+DATA_ORDER: Literal["stream", "shuffled"] = "stream"  # train windows: stream (the shards in order: a web corpus is shuffled already) | shuffled (rounds of windows in a random order each epoch: a corpus stored book after book)
 DEVICE: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda; under torchrun each rank takes cuda:LOCAL_RANK
 DTYPE: str = "auto"  # auto (bf16 autocast where the GPU supports it, fp32 otherwise), float32, bfloat16
 LOG_EVERY: int = 10  # print a log line every N steps (metrics.jsonl gets every step)
@@ -418,7 +419,7 @@ def run_phase1(run, layers, checkpoint, resume_path):
     reads on."""
     s, env, t0 = run.s, run.env, time.perf_counter()
     loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
-                         vocab_size=run.student.config.vocab_size)  # on the host: batches feed the cache
+                         vocab_size=run.student.config.vocab_size, order=s.data_order, seed=s.seed)  # on the host: batches feed the cache
     val_tokens = [x.cpu() for x, _ in val_windows(run, plain=True)]
     progress, total_steps, optimizer_state = {"rotation": 0, "position": 0, "step": 0}, 0, None
     window = s.batch_size * s.seq_len * env.world_size
@@ -579,7 +580,7 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
         loader_state = None
     else:
         loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
-                             device=env.device, vocab_size=student.config.vocab_size)
+                             device=env.device, vocab_size=student.config.vocab_size, order=s.data_order, seed=s.seed)
     step = 0
     if resume_path is not None:
         step = resume_phase2(run, checkpoint, resume_path, optimizer, loader)
@@ -590,9 +591,9 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
     model = DDP(student, device_ids=[env.local_rank] if env.device_type == "cuda" else None) if env.ddp else student
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * env.world_size
     if run.cache is not None and uses_kd(s):  # refused now, not at the step that would read past it
-        end = loader.position + (s.max_steps - step) * tokens_per_step
-        run.cache.check_covers("train", loader.position, end, f"; write one for this phase 2 with --phases cache "
-                               f"and the same settings (--cache-from {loader.position})")
+        first, end = loader.span((s.max_steps - step) * s.grad_accum)
+        run.cache.check_covers("train", first, end, f"; write one for this phase 2 with --phases cache and the same "
+                               f"settings" + (f" (--cache-from {loader.position})" if s.data_order == "stream" else ""))
     form = f"alpha {s.alpha}" if s.loss_multi is None else f"loss = CE + {s.loss_multi} x KD"
     form += f" | kd_adaptive {s.kd_adaptive}" if s.kd_adaptive else ""
     if s.conversations:

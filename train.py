@@ -74,7 +74,8 @@ EVAL_EVERY: int = 250  # val loss every N steps, at step 0 of a fresh run and at
 EVAL_TOKENS: int = 1_048_576  # val tokens per evaluation; the same tokens for any world size
 CHECKPOINT_EVERY: int = 500  # save a checkpoint every N steps and at the end (0 = only at the end)
 KEEP_CHECKPOINTS: int = 3  # keep the newest K checkpoints in RUN_DIR (0 = keep all)
-SEED: int = 1337  # seeds the from-scratch init (and torch's RNG, saved in checkpoints)
+SEED: int = 1337  # seeds the from-scratch init (and torch's RNG, saved in checkpoints) and DATA_ORDER shuffled
+DATA_ORDER: Literal["stream", "shuffled"] = "stream"  # train windows: stream (the shards in order: a web corpus is shuffled already) | shuffled (rounds of windows in a random order each epoch: a corpus stored book after book)
 COMPILE: bool = False  # torch.compile the model (worth it on GPUs; the first steps are slow while it compiles)
 DEVICE: str = "auto"  # auto (cuda if available, else cpu), cpu, cuda; under torchrun each rank takes cuda:LOCAL_RANK
 DTYPE: str = "auto"  # auto (bf16 autocast where the GPU supports it, fp32 otherwise), float32, bfloat16
@@ -230,7 +231,7 @@ if conversations:
                                 world_size=env.world_size, device=env.device)
 else:
     loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, rank=env.rank, world_size=env.world_size,
-                         device=env.device)
+                         device=env.device, order=DATA_ORDER, seed=SEED)
 
 step = 0  # optimizer steps done; the LR schedule and the checkpoint names count these
 continue_schedule = checkpoint is not None and not IGNORE_PRIOR_SCHEDULE

@@ -160,19 +160,21 @@ def test_ddp_ranks_read_disjoint_windows_that_together_cover_the_stream(tmp_path
             assert torch.equal(x, expected[i * world_size + r]), f"round {i} rank {r}"
 
 
-def test_resume_from_state_dict_yields_the_same_next_batches_as_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("order", ["stream", "shuffled"])
+def test_resume_from_state_dict_yields_the_same_next_batches_as_an_uninterrupted_run(tmp_path, order):
     make_dataset(str(tmp_path), {"train": [101, 202, 57]})
     B, T = 4, 9
     for world_size in (1, 2):
         for rank in range(world_size):
-            loader = TokenLoader(str(tmp_path), "train", B, T, rank=rank, world_size=world_size)
+            loader = TokenLoader(str(tmp_path), "train", B, T, rank=rank, world_size=world_size, order=order, seed=5)
             for _ in range(13):
                 loader.next_batch()
             buffer = io.BytesIO()
             torch.save({"loader": loader.state_dict()}, buffer)  # as inside a checkpoint
             buffer.seek(0)
             state = torch.load(buffer, weights_only=True)["loader"]
-            resumed = TokenLoader(str(tmp_path), "train", B, T, rank=rank, world_size=world_size)
+            resumed = TokenLoader(str(tmp_path), "train", B, T, rank=rank, world_size=world_size, order=order,
+                                  seed=5)
             resumed.load_state_dict(state)
             assert resumed.epoch == loader.epoch > 0
             for _ in range(10):
@@ -186,8 +188,10 @@ def test_resume_with_another_batch_shape_or_world_size_continues_at_the_same_str
     for _ in range(7):
         loader.next_batch()
     state = loader.state_dict()
-    assert set(state) == {"split", "position", "total_tokens", "epoch"}  # nothing that a resume may change
-    old_style = {**state, "batch_size": 2, "seq_len": 8, "world_size": 1}  # states saved before held these
+    # nothing that a resume may change (the order and seed it may not: refused below)
+    assert set(state) == {"split", "position", "total_tokens", "epoch", "order", "seed"}
+    old_style = {k: v for k, v in state.items() if k not in ("order", "seed")}  # states saved before orders
+    old_style.update(batch_size=2, seq_len=8, world_size=1)  # and before that, these
     for saved in (state, old_style):
         resumed = TokenLoader(str(tmp_path), "train", 3, 5, rank=1, world_size=2)
         resumed.load_state_dict(saved)
@@ -195,6 +199,46 @@ def test_resume_with_another_batch_shape_or_world_size_continues_at_the_same_str
         expected = window(stream, 7 * 2 * 8 + 3 * 5, 3 * 5 + 1)
         assert x.flatten().tolist() == expected[:-1].tolist() and y.flatten().tolist() == expected[1:].tolist()
         assert resumed.position == 7 * 2 * 8 + 2 * 3 * 5
+
+
+def test_shuffled_order_reads_every_whole_round_once_per_epoch_in_a_new_order_and_splits_rounds_as_stream_does(
+        tmp_path):
+    stream = make_dataset(str(tmp_path), {"train": [400, 333]})["train"]  # 733 tokens: 24 whole windows of 30
+    B, T = 6, 5
+    loader = TokenLoader(str(tmp_path), "train", B, T, order="shuffled", seed=3)
+    epochs = []
+    for epoch in range(3):
+        starts = []
+        for k in range(24):
+            assert loader.epoch == epoch
+            first, end = loader.span(24 - k)  # what the rest of this epoch reads
+            x, y = loader.next_batch()
+            starts.append(loader.last_start)
+            assert first <= loader.last_start and loader.last_start + B * T <= end
+            expected = window(stream, loader.last_start, B * T + 1)
+            assert x.flatten().tolist() == expected[:-1].tolist() and y.flatten().tolist() == expected[1:].tolist()
+        assert sorted(starts) == [w * B * T for w in range(24)]  # each whole window once; the tail never
+        epochs.append(starts)
+    assert loader.epoch == 3 and len({tuple(e) for e in epochs}) == 3  # a new permutation each epoch
+    assert epochs[0] != sorted(epochs[0])
+    other_seed = TokenLoader(str(tmp_path), "train", B, T, order="shuffled", seed=4)
+    assert [other_seed.round_start(k * B * T) for k in range(24)] != epochs[0]
+    for world_size in (2, 3):  # W ranks with batch B / W read the rows of one process's windows, in rank order
+        ranks = [TokenLoader(str(tmp_path), "train", B // world_size, T, rank=r, world_size=world_size,
+                             order="shuffled", seed=3) for r in range(world_size)]
+        one = TokenLoader(str(tmp_path), "train", B, T, order="shuffled", seed=3)
+        for _ in range(30):
+            x, y = one.next_batch()
+            rows = [rank.next_batch() for rank in ranks]
+            assert torch.equal(torch.cat([r[0] for r in rows]), x) and torch.equal(torch.cat([r[1] for r in rows]), y)
+    state = loader.state_dict()
+    for order, seed in (("stream", 3), ("shuffled", 4)):
+        with pytest.raises(ValueError, match=r"order shuffled \(seed 3\).*resume with the order and seed"):
+            TokenLoader(str(tmp_path), "train", B, T, order=order, seed=seed).load_state_dict(state)
+    with pytest.raises(ValueError, match="loader order 'random'"):
+        TokenLoader(str(tmp_path), "train", B, T, order="random")
+    with pytest.raises(ValueError, match="fewer than one round of the 30 ranks' windows"):
+        TokenLoader(str(tmp_path), "train", B, T, rank=0, world_size=30, order="shuffled")
 
 
 def test_window_at_reads_any_offset_without_moving_the_loader(tmp_path):

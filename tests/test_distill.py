@@ -394,9 +394,11 @@ def test_resume_mid_rotation_ends_with_the_same_weights_as_an_uninterrupted_run(
     assert a["loader"] == b["loader"]
 
 
+@pytest.mark.parametrize("order", ["stream", "shuffled"])
 def test_phase2_resumes_after_a_crash_with_the_same_weights_as_an_uninterrupted_run(teacher_dir, data_dir, tmp_path,
-                                                                                    monkeypatch):
-    args = ["--phases", "2", "--max-steps", "10", "--checkpoint-every", "4", "--top-k", "16", "--grad-accum", "2"]
+                                                                                    monkeypatch, order):
+    args = ["--phases", "2", "--max-steps", "10", "--checkpoint-every", "4", "--top-k", "16", "--grad-accum", "2",
+            "--data-order", order]
     run_here(*distill_args(teacher_dir, data_dir, str(tmp_path / "straight"), *args))
     calls, loss = [0], distill.phase2_loss
 

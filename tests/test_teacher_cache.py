@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from config import ConfigError
 from conftest import REPO, make_tiny_llama, torchrun, write_token_dataset
 from data import TokenLoader
 
@@ -164,13 +165,24 @@ def test_phase2_from_the_cache_trains_the_same_weights_as_the_live_teacher(cache
         assert b["kl"] <= a["kl"] + 1e-6 and b["kl_kind"].startswith("top-16 + tail")  # a bound of the full KL
 
 
-def test_phase1_then_phase2_from_a_cache_written_for_where_phase1_ends(teacher_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("order", ["stream", "shuffled"])
+def test_phase1_then_phase2_from_a_cache_written_for_where_phase1_ends(teacher_dir, data_dir, tmp_path, order):
     """The default CACHE_FROM is where phase 1's batches end: phases 12 with the cache (the teacher runs for
-    phase 1 only) train the same student as with the live teacher."""
-    args = base(teacher_dir, data_dir, "--phases", "12", "--layers", "[0, 2]", "--steps-per-layer", "3")
+    phase 1 only) train the same student as with the live teacher. Shuffled, the cache spans the rounds that
+    phase 2 will read, wherever they lie."""
+    args = base(teacher_dir, data_dir, "--phases", "12", "--layers", "[0, 2]", "--steps-per-layer", "3",
+                "--data-order", order)
     run_here(*args, "--phases", "cache", "--teacher-cache", tmp_path / "cache", "--cache-k", "16",
              "--cache-dtype", "float32")
-    assert TeacherCache(str(tmp_path / "cache")).manifest["splits"]["train"]["start"] == 4 * 128
+    cached = TeacherCache(str(tmp_path / "cache")).manifest["splits"]["train"]
+    if order == "stream":
+        assert cached["start"] == 4 * 128
+    else:
+        loader = TokenLoader(data_dir, "train", 4, 32, order="shuffled", seed=1337)  # TINY, distill's SEED
+        loader.position = 4 * 128
+        assert (cached["start"], cached["end"]) == loader.span(6) and cached["end"] - cached["start"] > 6 * 128
+        with pytest.raises(ConfigError, match="cache_from = 0 is a stream offset, but data_order = shuffled"):
+            run_here(*args, "--phases", "cache", "--teacher-cache", tmp_path / "cache2", "--cache-from", "0")
     run_here(*args, "--run-dir", tmp_path / "live")
     run_here(*args, "--run-dir", tmp_path / "cached", "--teacher-cache", tmp_path / "cache")
     a, b = (torch.load(tmp_path / run / "step_000006.pt", weights_only=True) for run in ("live", "cached"))
