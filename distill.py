@@ -314,6 +314,9 @@ def check_data_kind(s):
     if s.conversations and (s.teacher_cache or s.phases in ("cache", "select")):
         raise ConfigError(f"'{s.data_dir}' holds conversations (SFT data); the teacher cache and --phases select "
                           f"read plain token windows: use them with a --format text dataset")
+    if s.conversations and s.data_order != "stream":
+        raise ConfigError(f"'{s.data_dir}' holds conversations (SFT data), read whole and in order; data_order = "
+                          f"{s.data_order} shuffles plain token windows: leave it at stream")
 
 
 def uses_kd(s):
@@ -419,7 +422,7 @@ def run_phase1(run, layers, checkpoint, resume_path):
     reads on."""
     s, env, t0 = run.s, run.env, time.perf_counter()
     loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
-                         vocab_size=run.student.config.vocab_size, order=s.data_order, seed=s.seed)  # on the host: batches feed the cache
+                         vocab_size=run.student.config.vocab_size, order=s.data_order, seed=s.seed)  # host: feeds the cache
     val_tokens = [x.cpu() for x, _ in val_windows(run, plain=True)]
     progress, total_steps, optimizer_state = {"rotation": 0, "position": 0, "step": 0}, 0, None
     window = s.batch_size * s.seq_len * env.world_size

@@ -169,6 +169,9 @@ vocab_size = model_config.vocab_size
 check_data_matches_tokenizer(DATA_DIR, tokenizer, vocab_size)
 manifest = read_manifest(DATA_DIR)
 conversations = is_conversation_data(DATA_DIR)  # SFT: assistant-only loss on whole conversations
+if conversations and DATA_ORDER != "stream":
+    raise ConfigError(f"'{DATA_DIR}' holds conversations (SFT data), read whole and in order; data_order = "
+                      f"{DATA_ORDER} shuffles plain token windows: leave it at stream")
 val_available = sum(s["ntok"] for s in manifest["shards"] if s["split"] == "val")
 if not conversations and min(EVAL_TOKENS, val_available) < BATCH_SIZE * SEQ_LEN + 1:  # refused now, not at an eval
     raise ConfigError(f"eval_tokens = {EVAL_TOKENS} and '{DATA_DIR}' has {val_available} val tokens, but one "

@@ -428,9 +428,15 @@ def test_sft_distillation_resumes_exactly(tmp_path, chat_data, tiny_llama_dir):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_teacher_cache_is_refused_on_conversation_data(tmp_path, chat_data, tiny_llama_dir):
+def test_the_teacher_cache_and_a_shuffled_order_are_refused_on_conversation_data(tmp_path, chat_data,
+                                                                                  tiny_llama_dir):
     proc = run_script("distill.py", "--teacher", tiny_llama_dir, "--data-dir", chat_data, "--run-dir",
                       tmp_path / "run", "--phases", "cache", "--teacher-cache", tmp_path / "cache", "--device", "cpu",
                       check=False)
     assert proc.returncode != 0 and "holds conversations (SFT data)" in proc.stderr + proc.stdout
     assert not os.path.exists(tmp_path / "cache")
+    for script, model in (("distill.py", "--teacher"), ("train.py", "--init-from")):
+        proc = run_script(script, model, tiny_llama_dir, "--data-dir", chat_data, "--run-dir", tmp_path / script,
+                          "--device", "cpu", "--data-order", "shuffled", check=False)
+        assert proc.returncode != 0 and "data_order = shuffled shuffles plain token windows" in proc.stderr, script
+        assert not os.path.exists(tmp_path / script / "metrics.jsonl"), script
