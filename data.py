@@ -166,18 +166,22 @@ class TokenLoader:
     W reads windows r, r+W, r+2W, ...: together the ranks read each window once. Where the ranks are in the
     stream is one integer (`position`, the same on every rank), which makes resume exact.
 
-    order="shuffled" reads the same rounds (W consecutive windows, one per rank) in a random order instead: a
+    order="shuffled" reads the same windows in a random order instead, by rounds of one optimizer step's
+    windows (grad_accum x W consecutive windows: micro-batch k of rank r reads window k*W + r of its round): a
     fresh permutation of the split's whole rounds each epoch, drawn from (seed, epoch). A corpus stored book
     after book is then sampled all over from the first step, as nanoGPT's random windows are; a web corpus that
-    prepare.py streams is shuffled already. `position` still counts the tokens read, so resume stays exact; a
-    resume under another batch size or world size continues another permutation. The split's last partial
-    round is never read in this order.
+    prepare.py streams is shuffled already. `position` still counts the tokens read, so resume stays exact, and
+    a round depends only on B * grad_accum * W, so trading processes for batch rows or micro-batches reads the
+    same tokens, as in stream order. A resume with another round size continues another permutation. The
+    split's last partial round is never read in this order.
     """
 
     def __init__(self, data_dir, split, batch_size, seq_len, *, rank=0, world_size=1, device="cpu", vocab_size=None,
-                 order="stream", seed=0):
+                 order="stream", seed=0, grad_accum=1):
         if order not in LOADER_ORDERS:
             raise ValueError(f"loader order '{order}': expected one of {LOADER_ORDERS}")
+        if order == "shuffled" and seed < 0:
+            raise ValueError(f"seed {seed}: a shuffled loader order needs a seed >= 0")
         manifest = read_manifest(data_dir)
         shards = [s for s in manifest["shards"] if s["split"] == split]
         if not shards:
@@ -200,10 +204,11 @@ class TokenLoader:
             raise ValueError(f"split '{split}' of '{data_dir}' has {self.total} tokens, fewer than one batch "
                              f"window of batch_size * seq_len + 1 = {batch_size * seq_len + 1}")
         self.order, self.seed = order, seed
-        self.rounds = (self.total - 1) // (world_size * batch_size * seq_len)  # whole rounds, each with its +1 token
+        self.round_tokens = grad_accum * world_size * batch_size * seq_len  # one optimizer step's windows
+        self.rounds = (self.total - 1) // self.round_tokens  # whole rounds, each with its +1 token
         if order == "shuffled" and self.rounds == 0:
-            raise ValueError(f"split '{split}' of '{data_dir}' has {self.total} tokens, fewer than one round of the "
-                             f"{world_size} ranks' windows ({world_size * batch_size * seq_len + 1}) to shuffle")
+            raise ValueError(f"split '{split}' of '{data_dir}' has {self.total} tokens, fewer than one round of "
+                             f"grad_accum x world_size windows ({self.round_tokens + 1} tokens) to shuffle")
         self._permutation = (None, None)  # (epoch, its order of the rounds), drawn when first needed
         self._shards = {}  # shard index -> memmap; opened, and vocab-checked, on first use
         self.position = 0  # stream offset where the ranks' next round of windows starts
@@ -213,34 +218,32 @@ class TokenLoader:
     def epoch(self):
         """How many passes over the split have finished: the stream wrapped, or every round was shuffled in."""
         if self.order == "shuffled":
-            return self.position // (self.rounds * self.world_size * self.batch_size * self.seq_len)
+            return self.position // (self.rounds * self.round_tokens)
         return self.position // self.total
 
     def next_batch(self):
         window = self.batch_size * self.seq_len
-        self.last_start = self.round_start(self.position) + self.rank * window
+        self.last_start = self.stream_offset(self.position) + self.rank * window
         batch = self.window_at(self.last_start)
         self.position += self.world_size * window
         return batch
 
-    def round_start(self, position):
-        """The stream offset of the round of windows that the ranks read when `position` tokens have been read."""
+    def stream_offset(self, position):
+        """The stream offset where the ranks' windows start when `position` tokens have been read."""
         if self.order == "stream":
             return position
-        round_tokens = self.world_size * self.batch_size * self.seq_len
-        epoch, index = divmod(position // round_tokens, self.rounds)
+        epoch, index = divmod(position // self.round_tokens, self.rounds)
         if self._permutation[0] != epoch:
             self._permutation = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.rounds))
-        return int(self._permutation[1][index]) * round_tokens
+        return int(self._permutation[1][index]) * self.round_tokens + position % self.round_tokens
 
-    def span(self, rounds):
-        """[first, last) stream offsets that the next `rounds` rounds of the ranks read (unwrapped: a stream-order
-        span may run past the split's end, as the teacher cache counts offsets). Reads nothing."""
-        round_tokens = self.world_size * self.batch_size * self.seq_len
-        if self.order == "stream":
-            return self.position, self.position + rounds * round_tokens
-        starts = [self.round_start(self.position + k * round_tokens) for k in range(rounds)]
-        return min(starts), max(starts) + round_tokens
+    def span(self, steps):
+        """[first, last) stream offsets that the next `steps` rounds (optimizer steps) read (unwrapped: a stream-
+        order span may run past the split's end, as the teacher cache counts offsets). Reads nothing."""
+        if self.order == "stream" or steps <= 0:
+            return self.position, self.position + max(steps, 0) * self.round_tokens
+        starts = [self.stream_offset(self.position + k * self.round_tokens) for k in range(steps)]
+        return min(starts), max(starts) + self.round_tokens
 
     def state_dict(self):
         # no batch size, seq_len or world size: a resume may change them (train.py reports what changed) and the

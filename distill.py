@@ -122,7 +122,7 @@ GRAD_ACCUM: int = 1  # phase-2 micro-batches per optimizer step
 TEACHER_CACHE: Optional[str] = None  # cache dir: --phases cache writes it; phase 2 then reads it and runs no teacher
 CACHE_K: int = 32  # writing: ids kept per token, the rest is one tail bucket (why 32: README)
 CACHE_DTYPE: Literal["float16", "bfloat16", "float32"] = "float16"  # writing: storage of the log-probabilities
-CACHE_FROM: Optional[int] = None  # writing: first train stream offset cached; None = where phase 2 starts after phase 1
+CACHE_FROM: Optional[int] = None  # writing: train tokens read before phase 2 starts (stream order: its first offset); None = where phase 1 ends
 CACHE_SHARD_TOKENS: int = 1_048_576  # writing: tokens per cache shard (rounded down to whole windows)
 CHECKPOINT_EVERY: int = 250  # phase 2: evaluate and save step_XXXXXX.pt every N steps and at the end (0 = only at the end)
 KEEP_CHECKPOINTS: int = 3  # keep the newest K layer_XXX.pt and K step_XXXXXX.pt (0 = keep all)
@@ -283,6 +283,8 @@ def check_settings(s):
     if s.cache_from is not None and (s.cache_from < 0 or s.cache_from % s.seq_len):
         raise ConfigError(f"cache_from = {s.cache_from}; expected a stream offset >= 0 that is a multiple of seq_len "
                           f"({s.seq_len}): TokenLoader's rows start there")
+    if s.data_order == "shuffled":  # the permutations are drawn from (seed, epoch)
+        check_at_least(vars(s), 0, ("seed",))
     check_at_least(vars(s), 0, ("top_k", "warmup_layer", "warmup_steps", "checkpoint_every",
                                 "checkpoint_every_layer", "keep_checkpoints", "eval_every_layers"))
     check_at_least(vars(s), 0.0, ("weight_decay", "grad_clip", "cosine_weight"))
@@ -583,20 +585,21 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
         loader_state = None
     else:
         loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, rank=env.rank, world_size=env.world_size,
-                             device=env.device, vocab_size=student.config.vocab_size, order=s.data_order, seed=s.seed)
+                             device=env.device, vocab_size=student.config.vocab_size, order=s.data_order, seed=s.seed,
+                             grad_accum=s.grad_accum)
     step = 0
     if resume_path is not None:
         step = resume_phase2(run, checkpoint, resume_path, optimizer, loader)
-    elif loader_state is not None:
-        loader.load_state_dict(loader_state)
+    elif loader_state is not None:  # phase 1's position (tokens read), whatever order phase 1 read in
+        loader.load_state_dict({**loader_state, "order": s.data_order, "seed": s.seed})
     else:  # a student no phase 1 evaluated: the start of the curve, as train.py evaluates its step 0
         evaluate_student(run, "phase 2 start (undistilled student)", 2, 0)
     model = DDP(student, device_ids=[env.local_rank] if env.device_type == "cuda" else None) if env.ddp else student
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * env.world_size
     if run.cache is not None and uses_kd(s):  # refused now, not at the step that would read past it
-        first, end = loader.span((s.max_steps - step) * s.grad_accum)
+        first, end = loader.span(s.max_steps - step)
         run.cache.check_covers("train", first, end, f"; write one for this phase 2 with --phases cache and the same "
-                               f"settings" + (f" (--cache-from {loader.position})" if s.data_order == "stream" else ""))
+                               f"settings (--cache-from {loader.position})")
     form = f"alpha {s.alpha}" if s.loss_multi is None else f"loss = CE + {s.loss_multi} x KD"
     form += f" | kd_adaptive {s.kd_adaptive}" if s.kd_adaptive else ""
     if s.conversations:

@@ -356,17 +356,11 @@ def write_for_run(s, env, ctx):
                                  teacher.config.vocab_size)
     window = s.batch_size * s.seq_len
     start = s.cache_from if s.cache_from is not None else s.rotations * s.num_batches * window * env.world_size
-    if s.data_order == "shuffled":  # phase 2 reads rounds from all over the split: cache the span they fall in
-        if s.cache_from is not None:
-            raise ConfigError(f"cache_from = {s.cache_from} is a stream offset, but data_order = shuffled reads "
-                              f"windows from all over the split: leave cache_from unset")
-        loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, world_size=env.world_size,
-                             order="shuffled", seed=s.seed)
-        loader.position = start
-        train = loader.span(s.max_steps * s.grad_accum)
-    else:
-        train = (start, start + s.max_steps * s.grad_accum * window * env.world_size)
-    ranges = {"train": train, "val": (0, n_val_windows(s) * window)}
+    # the train offsets phase 2 will read from there (shuffled: the span of the split its rounds fall in)
+    loader = TokenLoader(s.data_dir, "train", s.batch_size, s.seq_len, world_size=env.world_size,
+                         order=s.data_order, seed=s.seed, grad_accum=s.grad_accum)
+    loader.position = start
+    ranges = {"train": loader.span(s.max_steps), "val": (0, n_val_windows(s) * window)}
     say(f"teacher cache {s.teacher_cache}: top-{s.cache_k} in {s.cache_dtype} of {s.teacher} over train offsets "
         f"[{ranges['train'][0]:,}, {ranges['train'][1]:,}) and val [0, {ranges['val'][1]:,})")
     t1 = time.perf_counter()

@@ -89,6 +89,8 @@ config = configure(globals())
 # Check the settings before anything slow happens
 
 check_at_least(globals(), 1, ("BATCH_SIZE", "SEQ_LEN", "GRAD_ACCUM", "EVAL_TOKENS", "LOG_EVERY"))
+if DATA_ORDER == "shuffled":  # the permutations are drawn from (seed, epoch)
+    check_at_least(globals(), 0, ("SEED",))
 check_at_least(globals(), 0, ("MAX_STEPS", "WARMUP_STEPS", "EVAL_EVERY", "CHECKPOINT_EVERY", "KEEP_CHECKPOINTS"))
 check_at_least(globals(), 0.0, ("WEIGHT_DECAY", "GRAD_CLIP"))
 check_positive(globals(), ("LR",) if LR_ATTN is None else ("LR", "LR_ATTN"))
@@ -234,7 +236,7 @@ if conversations:
                                 world_size=env.world_size, device=env.device)
 else:
     loader = TokenLoader(DATA_DIR, "train", BATCH_SIZE, SEQ_LEN, rank=env.rank, world_size=env.world_size,
-                         device=env.device, order=DATA_ORDER, seed=SEED)
+                         device=env.device, order=DATA_ORDER, seed=SEED, grad_accum=GRAD_ACCUM)
 
 step = 0  # optimizer steps done; the LR schedule and the checkpoint names count these
 continue_schedule = checkpoint is not None and not IGNORE_PRIOR_SCHEDULE
@@ -331,8 +333,9 @@ while step < max_steps:
     if WINDOW_SCHEDULE is not None:  # a pure function of the step, like the LR: resume and restarts follow it
         window = window_at(step, max_steps, *WINDOW_SCHEDULE)
         raw_model.set_windows([window if i in windowed else None for i in range(model_config.n_layer)])
-    # Micro-step k of rank r reads loader window (step * GRAD_ACCUM + k) * world + r, so one process with
-    # GRAD_ACCUM = 2 sees exactly the tokens two processes with GRAD_ACCUM = 1 see at the same step.
+    # Micro-step k of rank r reads loader window (step * GRAD_ACCUM + k) * world + r (shuffled: window k * world + r
+    # of the step's round), so one process with GRAD_ACCUM = 2 sees exactly the tokens two processes with
+    # GRAD_ACCUM = 1 see at the same step.
     loss_sum = torch.zeros((), device=env.device)
     targets = torch.zeros((), device=env.device)  # tokens the loss counted (SFT: the assistant's)
     for x, y, segments, sync in micro_batches(model, loader, GRAD_ACCUM, env):

@@ -222,7 +222,8 @@ def test_shuffled_order_reads_every_whole_round_once_per_epoch_in_a_new_order_an
     assert loader.epoch == 3 and len({tuple(e) for e in epochs}) == 3  # a new permutation each epoch
     assert epochs[0] != sorted(epochs[0])
     other_seed = TokenLoader(str(tmp_path), "train", B, T, order="shuffled", seed=4)
-    assert [other_seed.round_start(k * B * T) for k in range(24)] != epochs[0]
+    assert [other_seed.stream_offset(k * B * T) for k in range(24)] != epochs[0]
+    assert loader.span(0) == (loader.position, loader.position)
     for world_size in (2, 3):  # W ranks with batch B / W read the rows of one process's windows, in rank order
         ranks = [TokenLoader(str(tmp_path), "train", B // world_size, T, rank=r, world_size=world_size,
                              order="shuffled", seed=3) for r in range(world_size)]
@@ -231,14 +232,23 @@ def test_shuffled_order_reads_every_whole_round_once_per_epoch_in_a_new_order_an
             x, y = one.next_batch()
             rows = [rank.next_batch() for rank in ranks]
             assert torch.equal(torch.cat([r[0] for r in rows]), x) and torch.equal(torch.cat([r[1] for r in rows]), y)
+    # one process with 2 micro-batches a step reads what 2 processes with 1 read, step by step, as in stream order
+    accum = TokenLoader(str(tmp_path), "train", 3, T, order="shuffled", seed=3, grad_accum=2)
+    ranks = [TokenLoader(str(tmp_path), "train", 3, T, rank=r, world_size=2, order="shuffled", seed=3)
+             for r in range(2)]
+    for step in range(20):
+        for k, rank in enumerate(ranks):
+            assert torch.equal(accum.next_batch()[0], rank.next_batch()[0]), (step, k)
     state = loader.state_dict()
     for order, seed in (("stream", 3), ("shuffled", 4)):
         with pytest.raises(ValueError, match=r"order shuffled \(seed 3\).*resume with the order and seed"):
             TokenLoader(str(tmp_path), "train", B, T, order=order, seed=seed).load_state_dict(state)
     with pytest.raises(ValueError, match="loader order 'random'"):
         TokenLoader(str(tmp_path), "train", B, T, order="random")
-    with pytest.raises(ValueError, match="fewer than one round of the 30 ranks' windows"):
+    with pytest.raises(ValueError, match=r"fewer than one round of grad_accum x world_size windows \(901 tokens\)"):
         TokenLoader(str(tmp_path), "train", B, T, rank=0, world_size=30, order="shuffled")
+    with pytest.raises(ValueError, match="seed -1: a shuffled loader order needs a seed >= 0"):
+        TokenLoader(str(tmp_path), "train", B, T, order="shuffled", seed=-1)
 
 
 def test_window_at_reads_any_offset_without_moving_the_loader(tmp_path):

@@ -417,7 +417,7 @@ def test_phase2_resumes_after_a_crash_with_the_same_weights_as_an_uninterrupted_
     a, b = (torch.load(tmp_path / run / "step_000010.pt", weights_only=True) for run in ("straight", "resumed"))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    assert a["loader"] == b["loader"]
+    assert a["loader"] == b["loader"] and a["loader"]["order"] == order
     phase2 = [r["step"] for r in records(str(tmp_path / "resumed")) if r["phase"] == 2 and "loss" in r]
     assert phase2 == list(range(1, 11))  # the records of the lost steps 5-6 were dropped and redone
     assert all(r["epoch"] == 0 for r in records(str(tmp_path / "resumed")) if r["phase"] == 2 and "loss" in r)

@@ -126,17 +126,22 @@ def test_a_seq_len_beyond_the_models_max_trains_and_the_checkpoint_records_the_l
     assert len({g["lr_scale"] for g in checkpoint["optimizer"]["param_groups"]}) == 2
 
 
-def test_the_train_stream_wraps_and_each_step_logs_its_epoch(tmp_path, shards, bpe_tokenizer_dir):
+@pytest.mark.parametrize("order", ["stream", "shuffled"])
+def test_the_train_stream_wraps_and_each_step_logs_its_epoch(tmp_path, shards, bpe_tokenizer_dir, order):
     config = write_config(tmp_path / "tiny.yaml", batch_size=16, grad_accum=8, max_steps=7, eval_every=0,
                           eval_tokens=16 * 32 + 1, checkpoint_every=0)
     run_dir = tmp_path / "run"
-    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", run_dir)
+    proc = train("--config", config, "--tokenizer", bpe_tokenizer_dir, "--data-dir", shards, "--run-dir", run_dir,
+                 "--data-order", order)
     steps, _ = metrics(run_dir)
-    total = torch.load(run_dir / "step_000007.pt", weights_only=True)["loader"]["total_tokens"]
+    state = torch.load(run_dir / "step_000007.pt", weights_only=True)["loader"]
     per_step = 16 * 32 * 8
-    assert 7 * per_step > total  # the run reads past the end of the stream
-    assert [steps[s]["epoch"] for s in range(1, 8)] == [s * per_step // total for s in range(1, 8)]
-    wrap = next(s for s in range(1, 8) if s * per_step >= total)
+    # an epoch: the whole stream, or (shuffled) every whole round of one step's 8 micro-batches
+    epoch_tokens = state["total_tokens"] if order == "stream" else (state["total_tokens"] - 1) // per_step * per_step
+    assert state["order"] == order and state["position"] == 7 * per_step
+    assert 7 * per_step > epoch_tokens  # the run reads past the end of an epoch
+    assert [steps[s]["epoch"] for s in range(1, 8)] == [s * per_step // epoch_tokens for s in range(1, 8)]
+    wrap = next(s for s in range(1, 8) if s * per_step >= epoch_tokens)
     assert f"step {wrap}: the train stream wrapped around; epoch 1 begins" in proc.stdout
     assert f"step {wrap} | epoch 1 | loss" in proc.stdout
 
