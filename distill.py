@@ -73,7 +73,7 @@ RESUME: bool = False  # continue RUN_DIR exactly from its furthest saved state (
 PHASES: Literal["1", "2", "12", "cache", "select"] = "12"  # which phases run: "1" (layer-wise), "2" (logit distillation), "12" (both, in order), "cache" (only write TEACHER_CACHE) or "select" (only rank layers for full attention)
 # the student (ignored when the student comes from a checkpoint: then its own architecture is used)
 MLP_KIND: Literal[*MLP_KINDS, "keep"] = "relu2"  # MLP of the replaced layers: relu2 | gelu | silu | swiglu, or keep (the teacher's MLP)
-MLP_HIDDEN: Optional[int] = None  # width of the new MLPs; None = half the teacher's, rounded down to a multiple of 8
+MLP_HIDDEN: Union[int, list[int], None] = None  # width of the new MLPs: one int, or one per layer of MLP_LAYERS (in its order); None = half the teacher's, rounded down to a multiple of 8
 MLP_LAYERS: Optional[list[int]] = None  # layers whose MLP is replaced; None = every layer
 MLP_INIT: Literal["prune", "zero"] = "prune"  # new MLPs start as: prune (the teacher's most important neurons) | zero (down = 0: the teacher minus its MLPs)
 NEURON_SELECT: Literal["importance", "lsq"] = "lsq"  # with prune: which teacher neurons to keep: lsq (greedy least-squares elimination, then the exact fit; needs REFIT_DOWN) | importance (mean |act| x down-column norm)
@@ -293,8 +293,10 @@ def check_settings(s):
     check_fraction(vars(s), ("alpha", "cooldown_frac", "min_lr_frac", "betas"))
     check_at_least(vars(s), 0.0, ("kd_adaptive",) if s.loss_multi is None else ("kd_adaptive", "loss_multi"))
     s.conversations = False  # whether DATA_DIR holds conversations: main() reads its manifest (check_data_kind)
-    if s.mlp_hidden is not None and s.mlp_hidden < 1:
-        raise ConfigError(f"mlp_hidden = {s.mlp_hidden}; expected a positive int or none")
+    widths = s.mlp_hidden if isinstance(s.mlp_hidden, list) else [s.mlp_hidden]
+    if s.mlp_hidden == [] or any(w is not None and w < 1 for w in widths):
+        raise ConfigError(f"mlp_hidden = {s.mlp_hidden}; expected a positive int, a list of them (one per layer of "
+                          f"mlp_layers) or none")
     if s.window is not None and s.window < 1:
         raise ConfigError(f"window = {s.window}; expected a positive int or none")
     if not 0 <= s.sink_tokens <= 64:  # GPTConfig refuses it too, but only after the teacher is loaded

@@ -29,13 +29,20 @@ def check_layers(name, layers, n_layer):
 def student_config(teacher_config, mlp_kind="relu2", mlp_hidden=None, mlp_layers=None, window=None,
                    full_attn_layers=(), sink_tokens=0):
     """The teacher's GPTConfig with the per-layer MLP and attention-window changes (mlp_kind "keep": the
-    teacher's MLPs; sink_tokens: the first positions every windowed layer also sees)."""
+    teacher's MLPs; mlp_hidden: one width for every new MLP, or a list of one per layer of mlp_layers, in its
+    order; sink_tokens: the first positions every windowed layer also sees)."""
     n = teacher_config.n_layer
     fields = dataclasses.asdict(teacher_config)
     if mlp_kind != "keep":
-        for i in check_layers("mlp_layers", range(n) if mlp_layers is None else mlp_layers, n):
+        layers = check_layers("mlp_layers", range(n) if mlp_layers is None else mlp_layers, n)
+        if isinstance(mlp_hidden, (list, tuple)) and len(mlp_hidden) != len(layers):
+            raise ConfigError(f"mlp_hidden lists {len(mlp_hidden)} widths but there are {len(layers)} new MLPs "
+                              f"(mlp_layers = {mlp_layers}, every layer if none): give one width per new MLP, or one "
+                              f"int for all")
+        for n_new, i in enumerate(layers):
+            width = mlp_hidden[n_new] if isinstance(mlp_hidden, (list, tuple)) else mlp_hidden
             # half the teacher's width, on a multiple of 8 so the matmuls stay on fast kernel shapes
-            fields["mlp_hidden"][i] = mlp_hidden or teacher_config.mlp_hidden[i] // 2 // 8 * 8
+            fields["mlp_hidden"][i] = width or teacher_config.mlp_hidden[i] // 2 // 8 * 8
             fields["mlp_kind"][i] = mlp_kind
     if window is not None:
         keep_full = set(check_layers("full_attn_layers", full_attn_layers, n))
@@ -136,25 +143,33 @@ class LeastSquares:
         eye = torch.eye(self.AtA.shape[0], dtype=torch.float64, device=self.AtA.device)
         return torch.linalg.solve(self.AtA + self.ridge * eye, self.AtY)
 
-    def select(self, K, chunk=None):
+    def select(self, K, chunk=None, curve=None):
         """Greedy backward elimination (Optimal Brain Surgeon for whole neurons): start from the ridge fit on
         every neuron and repeatedly drop the `chunk` neurons (default: 8, or more for wide teachers, so that
         there are at most ~128 rounds) whose removal raises the fitted error least, re-solving for the rest
         after each drop. With H = A^T A + ridge, removing neuron j from the optimum costs
         |B_j|^2 / (H^-1)_jj exactly, and the Schur complement of H^-1 and the matching update of B give the
-        exact optimum on the remaining neurons. Returns (kept indices sorted, their fitted (K, C) weights)."""
+        exact optimum on the remaining neurons. Returns (kept indices sorted, their fitted (K, C) weights).
+        With a dict `curve`, records {neurons kept: the fitted MSE, ridge term included} after every round."""
         eye = torch.eye(self.AtA.shape[0], dtype=torch.float64, device=self.AtA.device)
         Hinv = torch.cholesky_inverse(torch.linalg.cholesky(self.AtA + self.ridge * eye))
         B = Hinv @ self.AtY
         alive = torch.arange(self.AtA.shape[0], device=self.AtA.device)
         chunk = chunk or max(8, (len(alive) - K) // 128)
+        if curve is not None:
+            error = self.mse(B) + self.ridge.item() * B.square().sum().item() / self.count.item()
+            curve[len(alive)] = error
         while len(alive) > K:
             cost = B.square().sum(1) / Hinv.diagonal()
             order = cost.argsort()
             drop, keep = order[:min(chunk, len(alive) - K)], order[min(chunk, len(alive) - K):].sort().values
             Hdd = Hinv[drop][:, drop]
             Hkd = Hinv[keep][:, drop]
-            B = B[keep] - Hkd @ torch.linalg.solve(Hdd, B[drop])
+            step = torch.linalg.solve(Hdd, B[drop])
+            if curve is not None:  # the exact rise of the penalised error when these neurons go
+                error += (B[drop] * step).sum().item() / self.count.item()
+                curve[len(keep)] = error
+            B = B[keep] - Hkd @ step
             Hinv = Hinv[keep][:, keep] - Hkd @ torch.linalg.solve(Hdd, Hkd.t())
             alive = alive[keep]
         return alive, B
@@ -226,7 +241,9 @@ def init_mlps_from_teacher(student, teacher, tokens, layers, env, *, cache_devic
         cache.end_layer()
     mean = lambda key: sum(r[key] for r in report.values()) / len(report)
     how = "chosen by least-squares elimination" if select == "lsq" else "top by importance"
-    say(f"mlp init: {student.config.mlp_hidden[layers[0]]} teacher neurons {how} in layers {layers}"
+    widths = sorted({student.config.mlp_hidden[i] for i in layers})
+    say(f"mlp init: {widths[0] if len(widths) == 1 else [student.config.mlp_hidden[i] for i in sorted(layers)]} "
+        f"teacher neurons {how} in layers {layers}"
         + (", down refit by least squares" if refit or select == "lsq" else "")
         + f" | mean MLP-output MSE vs the teacher {mean('mse_pruned'):.5f} pruned -> {mean('mse_init'):.5f} | "
           f"{time.perf_counter() - t0:.1f}s")

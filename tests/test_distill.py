@@ -141,6 +141,11 @@ def test_student_starts_as_the_teacher_minus_its_replaced_mlps():
         torch.testing.assert_close(student(x), reference(x))
     with pytest.raises(SystemExit, match="out of range"):
         student_module.student_config(teacher.config, mlp_layers=[3])
+    # per-layer widths: one per layer of mlp_layers, in its order
+    config = student_module.student_config(teacher.config, "swiglu", [40, 24], [2, 0])
+    assert config.mlp_hidden == [24, 64, 40] and config.mlp_kind == ["swiglu"] * 3
+    with pytest.raises(SystemExit, match="mlp_hidden lists 2 widths but there are 3 new MLPs"):
+        student_module.student_config(teacher.config, "swiglu", [40, 24])
 
 
 @pytest.mark.parametrize("latent", ["teacher", "student"])
@@ -524,6 +529,28 @@ def test_bad_input_is_refused_before_any_work(teacher_dir, data_dir, tmp_path, b
     assert "re-run prepare.py with this model's tokenizer" in fails(data=other_data)
     assert "it needs refit_down = true" in fails("--neuron-select", "lsq", "--refit-down", "false")
     assert "sink_tokens = 65; expected an int from 0 to 64" in fails("--window", "4", "--sink-tokens", "65")
+    assert "mlp_hidden = [16, 0]; expected a positive int" in fails("--mlp-hidden", "[16, 0]")
+    assert "mlp_hidden lists 2 widths but there are 3 new MLPs" in fails("--mlp-hidden", "[16, 24]")
+
+
+def test_per_layer_widths_build_and_initialise_the_student_the_recipe_describes(teacher_dir, data_dir, tmp_path):
+    """Layer 1 keeps the teacher's MLP; 0 and 2 get their own widths, pruned from the teacher's neurons."""
+    run = str(tmp_path / "run")
+    run_here(*distill_args(teacher_dir, data_dir, run, "--mlp-kind", "swiglu", "--mlp-layers", "[2, 0]",
+                           "--mlp-hidden", "[120, 40]", "--phases", "2", "--max-steps", "1",
+                           "--checkpoint-every", "1"))
+    student, _ = distill.load_model(os.path.join(run, "step_000001.pt"))
+    teacher, _ = distill.load_model(teacher_dir)
+    assert student.config.mlp_hidden == [40, 160, 120]
+    with open(os.path.join(run, "config.json")) as f:
+        assert json.load(f)["student_config"]["mlp_hidden"] == [40, 160, 120]
+    # the pruned layers hold teacher neurons: each student gate row is (one phase-2 step away from) a distinct
+    # one of the teacher's, far nearer to it than to any other
+    for i, width in ((0, 40), (2, 120)):
+        distance = torch.cdist(student.blocks[i].mlp.gate_up.weight[:width], teacher.blocks[i].mlp.gate_up.weight[:160])
+        nearest = distance.topk(2, dim=1, largest=False)
+        assert (nearest.values[:, 0] < 0.25 * nearest.values[:, 1]).all()
+        assert len(set(nearest.indices[:, 0].tolist())) == width
 
 
 def test_a_swiglu_student_exports_to_hugging_face_with_the_same_logits(teacher_dir, data_dir, tmp_path):

@@ -1,5 +1,6 @@
 """student.py and the phase-1 layer loss: MLPs initialised from the teacher (pruned, refit by least squares),
 the normalised MSE and R^2, and 1 process vs 2 gloo processes building the same student."""
+import json
 import os
 import subprocess
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, torchrun
+from conftest import REPO, run_script, torchrun
 from layer_cache import LayerCache, layer_loss
 from model import GPT, GPTConfig, make_mlp
 from runtime import setup_device
@@ -90,6 +91,22 @@ def test_least_squares_selection_finds_the_neurons_that_make_the_target_and_thei
         torch.testing.assert_close(fitted, direct, rtol=1e-9, atol=1e-9)
         assert problem.mse(fitted, kept) < 1e-6 * (problem.energy_sum / problem.count).item()
         torch.testing.assert_close(fitted.t().float(), weights, rtol=0, atol=1e-3)
+
+
+def test_the_elimination_curve_is_the_penalised_error_of_the_exact_fit_at_every_width():
+    torch.manual_seed(1)
+    mlp, env = make_mlp(16, "relu2", 40), setup_device("cpu")
+    inputs = [torch.randn(300, 16) for _ in range(2)]
+    outputs = [torch.randn(300, 16) + mlp(x).detach() for x in inputs]
+    problem = LeastSquares(mlp, inputs, outputs, env, ridge=1e-2)
+    curve = {}
+    problem.select(8, chunk=4, curve=curve)
+    assert sorted(curve) == list(range(8, 41, 4))
+    assert all(curve[k] >= curve[k + 4] for k in range(8, 40, 4))  # fewer neurons never fit better
+    for k in range(8, 41, 4):  # the same greedy path stopped at k: its ridge solution, solved directly
+        kept, fitted = problem.select(k, chunk=4)
+        penalty = problem.ridge * fitted.square().sum() / problem.count
+        assert curve[k] == pytest.approx(problem.mse(fitted, kept) + penalty.item(), rel=1e-9)
 
 
 def test_the_ridge_fit_is_least_squares_on_the_augmented_system_and_more_ridge_fits_the_fit_tokens_less():
@@ -222,3 +239,26 @@ def test_refit_on_the_students_own_latent_corrects_the_error_of_the_layers_below
                                                                   hidden_after(teacher, fit, 1)))
              for latent, student in students.items()}
     assert error["student"] < 0.95 * error["teacher"], error
+
+
+def test_bench_widths_shares_the_neuron_budget_by_measured_sensitivity(teacher_dir, data_dir, tmp_path):
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    from bench_widths import allocate
+
+    # two layers with the same fit errors: the one whose one-layer prune costs 4x the KL keeps more neurons
+    curve = {k: (64 - k) ** 2 / 64 ** 2 for k in range(8, 65, 8)}
+    widths = allocate({0: curve, 1: curve}, {0: 0.4, 1: 0.1}, 32, 64, {0: 64, 1: 64})
+    assert sum(widths.values()) == 64 and widths[0] > widths[1]
+    # end to end on a tiny teacher (MLPs of 160): a budget of 64 per layer, multiples of 8, the rest in the JSON
+    out = str(tmp_path / "widths.json")
+    result = run_script("bench/bench_widths.py", "--teacher", teacher_dir, "--data-dir", data_dir, "--width", "64",
+                        "--sens-width", "32", "--floor", "8", "--fit", "2", "--eval", "2", "--out", out)
+    with open(out) as f:
+        record = json.load(f)
+    widths = record["widths"]
+    assert len(widths) == 3 and sum(widths) == 3 * 64 and all(w % 8 == 0 and 8 <= w <= 160 for w in widths)
+    assert record["mlp_layers"] == [i for i, w in enumerate(widths) if w != 160]
+    assert record["mlp_hidden"] == [w for w in widths if w != 160]
+    assert all(kl > 0 for kl in record["kl_at_sens_width"].values())
+    assert f"mlp_hidden: {record['mlp_hidden']}" in result.stdout
