@@ -12,10 +12,12 @@ SmolLM2-135M, pruning layer 0's MLP alone to 256 neurons costs 0.61 nats of KL, 
 4. each layer's KL at width k predicted as KL_l(sens) * E_l(k) / E_l(sens) (to first order the KL grows with the
    MLP's error), and neurons taken 8 at a time from whichever layer's predicted KL rises least, from the teacher's
    widths down to the budget --width x layers.
-A layer left at the teacher's width keeps the teacher's MLP. Prints the per-layer numbers and the `mlp_layers` /
-`mlp_hidden` lines for a distill config, and writes them to --out.
+A layer left at the teacher's width keeps the teacher's MLP; --keep leaves layers whole by hand (the CPU recipe
+keeps layer 0: README). Prints the per-layer numbers and the `mlp_layers` / `mlp_hidden` lines for a distill
+config, and writes them to --out.
 
     python bench/bench_widths.py --teacher DIR --data-dir DIR [--width 512 --sens-width 256 --fit 16 --eval 3]
+                                 [--keep 0]
 
 Cost on the 2-core CPU for SmolLM2-135M: about 20 s per layer (the fit and one 3-window forward), ~12 minutes.
 """
@@ -77,14 +79,14 @@ def measure_layer(teacher, i, xs, ys, eval_windows, teacher_hidden, args, env):
     return curve, result["kl"]
 
 
-def allocate(curves, kls, sens_width, budget, widths):
+def allocate(curves, kls, sens_width, budget, widths, keep=()):
     """Neurons taken CHUNK at a time, from the layers' `widths` (the teacher's), from whichever layer's predicted
-    KL rises least, until they sum to `budget`. Returns {layer: width}."""
+    KL rises least, until they sum to `budget`; the layers in `keep` are left whole. Returns {layer: width}."""
     weight = {i: kls[i] / curves[i][sens_width] for i in curves}
     width = dict(widths)
     excess = sum(width.values()) - budget
     rise = lambda i: weight[i] * (curves[i][width[i] - CHUNK] - curves[i][width[i]])
-    heap = [(rise(i), i) for i in width if width[i] - CHUNK in curves[i]]
+    heap = [(rise(i), i) for i in width if i not in keep and width[i] - CHUNK in curves[i]]
     heapq.heapify(heap)
     while excess > 0:
         if not heap:
@@ -108,6 +110,7 @@ def main():
     parser.add_argument("--fit", type=int, default=16, help="train windows of 4 x 256 the fits use")
     parser.add_argument("--eval", type=int, default=3, help="other train windows of 4 x 256 the KL is measured on")
     parser.add_argument("--ridge", type=float, default=1e-4, help="least-squares ridge, as distill.py REFIT_RIDGE")
+    parser.add_argument("--keep", type=int, nargs="*", default=[], help="layers that keep the teacher's MLP")
     parser.add_argument("--out", default=os.path.join("bench", "out", "widths.json"))
     args = parser.parse_args()
     if args.width % CHUNK or args.sens_width % CHUNK or args.floor % CHUNK:
@@ -121,6 +124,8 @@ def main():
     if any(w % CHUNK for w in teacher.config.mlp_hidden) or args.sens_width >= min(teacher.config.mlp_hidden):
         raise SystemExit(f"the teacher's MLP widths {sorted(set(teacher.config.mlp_hidden))} must be multiples of "
                          f"{CHUNK} and above --sens-width {args.sens_width}")
+    if any(not 0 <= i < teacher.config.n_layer for i in args.keep):
+        raise SystemExit(f"--keep {args.keep}: the teacher has layers 0..{teacher.config.n_layer - 1}")
     loader = TokenLoader(args.data_dir, "train", 4, 256, vocab_size=teacher.config.vocab_size)
     window = 4 * 256
     whole = (loader.total - 1) // window
@@ -138,7 +143,7 @@ def main():
               f"{args.sens_width} / at full width: {curves[i][args.sens_width]:.4g} / "
               f"{curves[i][max(curves[i])]:.4g} | {time.perf_counter() - t0:.0f}s", flush=True)
     widths = allocate(curves, kls, args.sens_width, args.width * teacher.config.n_layer,
-                      dict(enumerate(teacher.config.mlp_hidden)))
+                      dict(enumerate(teacher.config.mlp_hidden)), set(args.keep))
     new = [i for i in sorted(widths) if widths[i] != teacher.config.mlp_hidden[i]]
     record = {"mlp_layers": new, "mlp_hidden": [widths[i] for i in new], "widths": [widths[i] for i in sorted(widths)],
               "kl_at_sens_width": kls, "settings": vars(args)}

@@ -250,6 +250,7 @@ def test_bench_widths_shares_the_neuron_budget_by_measured_sensitivity(teacher_d
     curve = {k: (64 - k) ** 2 / 64 ** 2 for k in range(8, 65, 8)}
     widths = allocate({0: curve, 1: curve}, {0: 0.4, 1: 0.1}, 32, 64, {0: 64, 1: 64})
     assert sum(widths.values()) == 64 and widths[0] > widths[1]
+    assert allocate({0: curve, 1: curve}, {0: 0.1, 1: 0.4}, 32, 80, {0: 64, 1: 64}, keep={0}) == {0: 64, 1: 16}
     # end to end on a tiny teacher (MLPs of 160): a budget of 64 per layer, multiples of 8, the rest in the JSON
     out = str(tmp_path / "widths.json")
     result = run_script("bench/bench_widths.py", "--teacher", teacher_dir, "--data-dir", data_dir, "--width", "64",
