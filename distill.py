@@ -350,7 +350,7 @@ def phase1_layers(s, config):
                           f"(train such models with train.py)")
     if s.export_hf and llama_incompatible_layers(config):
         raise ConfigError(f"export_hf: layers {llama_incompatible_layers(config)} are not SwiGLU with full "
-                          f"attention and one width, so the student cannot be a Hugging Face Llama; drop "
+                          f"attention, so the student cannot be a Hugging Face Llama; drop "
                           f"--export-hf (its checkpoints load in sample.py as they are)")
     return layers
 

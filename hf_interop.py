@@ -10,6 +10,7 @@ import shutil
 import tempfile
 
 import torch
+import torch.nn.functional as F
 
 from checkpoints import checkpoint_meta, is_complete, load_checkpoint, newest_checkpoint, refuse_non_finite
 from model import GPT, GPTConfig
@@ -85,7 +86,10 @@ def from_pretrained(path):
 
 def save_pretrained(model, out_dir, tokenizer_dir=None):
     """Write an HF Llama directory that transformers.AutoModelForCausalLM loads (atomically: temp dir, then
-    rename). Only SwiGLU, full-attention layers are Llama; anything else is refused by layer or by option."""
+    rename). Only SwiGLU, full-attention layers are Llama; anything else is refused by layer or by option.
+    MLPs of different widths are zero-padded to the widest (Llama has one intermediate_size): a padded neuron
+    has zero gate, up and down weights and adds silu(0) * 0 = 0, so the logits are the same, but transformers
+    then computes the widest width in every layer."""
     from safetensors.torch import save_file
 
     c = model.config
@@ -96,8 +100,8 @@ def save_pretrained(model, out_dir, tokenizer_dir=None):
     bad = llama_incompatible_layers(c)
     if bad:
         raise ValueError(f"cannot export to Hugging Face Llama: layers {bad} are not SwiGLU with full attention "
-                         f"and intermediate size {c.mlp_hidden[0]} (mlp_kind={[c.mlp_kind[i] for i in bad]}, "
-                         f"window={[c.window[i] for i in bad]}); keep those checkpoints in our format")
+                         f"(mlp_kind={[c.mlp_kind[i] for i in bad]}, window={[c.window[i] for i in bad]}); keep "
+                         f"those checkpoints in our format")
     state = state_to_hf(model.state_dict(), c)
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -116,10 +120,8 @@ def save_pretrained(model, out_dir, tokenizer_dir=None):
     return out_dir
 
 def llama_incompatible_layers(c):
-    """Layers a Hugging Face Llama cannot express: non-SwiGLU MLPs, sliding windows, or a width other than
-    layer 0's (Llama has one intermediate_size)."""
-    return [i for i in range(c.n_layer) if c.mlp_kind[i] != "swiglu" or c.window[i] is not None
-            or c.mlp_hidden[i] != c.mlp_hidden[0]]
+    """Layers a Hugging Face Llama cannot express: non-SwiGLU MLPs or sliding windows."""
+    return [i for i in range(c.n_layer) if c.mlp_kind[i] != "swiglu" or c.window[i] is not None]
 
 
 def llama_incompatible_options(c):
@@ -161,7 +163,7 @@ def config_from_hf(hf, source="config.json"):
 
 def config_to_hf(c):
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
-            "hidden_size": c.n_embd, "intermediate_size": c.mlp_hidden[0], "num_hidden_layers": c.n_layer,
+            "hidden_size": c.n_embd, "intermediate_size": max(c.mlp_hidden), "num_hidden_layers": c.n_layer,
             "num_attention_heads": c.n_head, "num_key_value_heads": c.n_kv_head, "head_dim": c.head_dim,
             "hidden_act": "silu", "max_position_embeddings": c.max_seq_len, "rms_norm_eps": c.rms_norm_eps,
             "rope_theta": c.rope_theta, "tie_word_embeddings": c.tie_embeddings, "attention_bias": False,
@@ -206,8 +208,10 @@ def state_to_hf(state, c):
         n = hf_layer_names(i)
         hf[n["q"]], hf[n["k"]], hf[n["v"]] = state[f"blocks.{i}.attn.qkv.weight"].split([q_size, kv_size, kv_size])
         hf[n["o"]] = state[f"blocks.{i}.attn.proj.weight"]
-        hf[n["gate"]], hf[n["up"]] = state[f"blocks.{i}.mlp.gate_up.weight"].chunk(2)
-        hf[n["down"]] = state[f"blocks.{i}.mlp.down.weight"]
+        missing = max(c.mlp_hidden) - c.mlp_hidden[i]  # zero neurons up to the widest layer (save_pretrained)
+        gate, up = state[f"blocks.{i}.mlp.gate_up.weight"].chunk(2)
+        hf[n["gate"]], hf[n["up"]] = (F.pad(w, (0, 0, 0, missing)) for w in (gate, up))
+        hf[n["down"]] = F.pad(state[f"blocks.{i}.mlp.down.weight"], (0, missing))
         hf[n["attn_norm"]] = state[f"blocks.{i}.attn_norm.weight"]
         hf[n["mlp_norm"]] = state[f"blocks.{i}.mlp_norm.weight"]
     if not c.tie_embeddings:

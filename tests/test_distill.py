@@ -533,12 +533,12 @@ def test_bad_input_is_refused_before_any_work(teacher_dir, data_dir, tmp_path, b
     assert "mlp_hidden lists 2 widths but there are 3 new MLPs" in fails("--mlp-hidden", "[16, 24]")
 
 
-def test_per_layer_widths_build_and_initialise_the_student_the_recipe_describes(teacher_dir, data_dir, tmp_path):
+def test_per_layer_widths_build_initialise_and_export_the_student_the_recipe_describes(teacher_dir, data_dir, tmp_path):
     """Layer 1 keeps the teacher's MLP; 0 and 2 get their own widths, pruned from the teacher's neurons."""
     run = str(tmp_path / "run")
     run_here(*distill_args(teacher_dir, data_dir, run, "--mlp-kind", "swiglu", "--mlp-layers", "[2, 0]",
                            "--mlp-hidden", "[120, 40]", "--phases", "2", "--max-steps", "1",
-                           "--checkpoint-every", "1"))
+                           "--checkpoint-every", "1", "--export-hf"))
     student, _ = distill.load_model(os.path.join(run, "step_000001.pt"))
     teacher, _ = distill.load_model(teacher_dir)
     assert student.config.mlp_hidden == [40, 160, 120]
@@ -551,6 +551,14 @@ def test_per_layer_widths_build_and_initialise_the_student_the_recipe_describes(
         nearest = distance.topk(2, dim=1, largest=False)
         assert (nearest.values[:, 0] < 0.25 * nearest.values[:, 1]).all()
         assert len(set(nearest.indices[:, 0].tolist())) == width
+    # exported as a Llama, each MLP zero-padded to the widest (160): the same logits in transformers
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(os.path.join(run, "hf"), dtype=torch.float32).eval()
+    assert exported.config.intermediate_size == 160
+    idx = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(idx).logits, student.eval().logits(idx), atol=1e-4, rtol=1e-4)
 
 
 def test_a_swiglu_student_exports_to_hugging_face_with_the_same_logits(teacher_dir, data_dir, tmp_path):
