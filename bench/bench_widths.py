@@ -130,8 +130,13 @@ def main():
     window = 4 * 256
     whole = (loader.total - 1) // window
     fit_windows = [x for x, _ in loader.spread_windows(args.fit)]
-    # halfway between spread windows where the split allows, so the KL is not measured on the fit's own tokens
-    eval_windows = [loader.window_at(int((k + 0.5) * whole / args.eval) * window) for k in range(args.eval)]
+    # halfway between two fit windows (spread_windows puts fit window j at j * whole // fit), so the KL is not
+    # measured on the tokens the fits saw
+    between = [int((k * args.fit // args.eval + 0.5) * whole / args.fit) for k in range(args.eval)]
+    if whole < 2 * args.fit or args.eval > args.fit:
+        raise SystemExit(f"the train split has {whole} windows of 4 x 256: too few for --fit {args.fit} and --eval "
+                         f"{args.eval} apart (at least 2 x --fit, and --eval <= --fit)")
+    eval_windows = [loader.window_at(start * window) for start in between]
     teacher_hidden = losses.teacher_val_hidden(teacher, eval_windows, contextlib.nullcontext())
     inputs, outputs = mlp_samples(teacher, fit_windows)
 
