@@ -19,7 +19,8 @@ config, and writes them to --out.
     python bench/bench_widths.py --teacher DIR --data-dir DIR [--width 512 --sens-width 256 --fit 16 --eval 3]
                                  [--keep 0]
 
-Cost on the 2-core CPU for SmolLM2-135M: about 20 s per layer (the fit and one 3-window forward), ~12 minutes.
+Cost: per layer, two least-squares fits and one forward over the --eval windows (its time on this CPU for
+SmolLM2-135M: README, Performance).
 """
 import argparse
 import contextlib
