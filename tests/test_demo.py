@@ -15,7 +15,8 @@ TEACHER_DIR = "models/smollm2_135m_instruct_q4_1"
 
 def test_demo_runs_every_stage_offline_and_the_student_gets_closer_to_its_teacher(tmp_path):
     # from an empty working dir, as after a clean clone: every relative default lands under it
-    run_script("prepare.py", "--demo", "--workers", "1", cwd=tmp_path)
+    # generous timeouts: each stage takes a few minutes alone, and a shared 2-core CI box can be several times slower
+    run_script("prepare.py", "--demo", "--workers", "1", cwd=tmp_path, timeout=1800)
     manifest = json.loads((tmp_path / "data/demo/manifest.json").read_text())
     assert [os.path.basename(f["path"]) for f in manifest["source"]["files"]] == list(prepare.DEMO_NOVELS)
     assert manifest["totals"]["train"]["tokens"] > 1_000_000 and manifest["totals"]["val"]["tokens"] > 50_000
@@ -23,7 +24,8 @@ def test_demo_runs_every_stage_offline_and_the_student_gets_closer_to_its_teache
 
     tiny = ["--max-steps", "6", "--warmup-steps", "0", "--lr", "3e-4", "--num-batches", "4", "--batch-size", "4",
             "--seq-len", "128", "--eval-tokens", "2049", "--device", "cpu"]
-    proc = run_script("distill.py", "--config", os.path.join(REPO, "configs/distill_demo.yaml"), *tiny, cwd=tmp_path)
+    proc = run_script("distill.py", "--config", os.path.join(REPO, "configs/distill_demo.yaml"), *tiny, cwd=tmp_path,
+                      timeout=1800)
     records = [json.loads(line) for line in (tmp_path / "runs/demo/metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r.get("event") == "eval"]
     assert [r["step"] for r in evals] == [0, 6]
