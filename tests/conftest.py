@@ -46,11 +46,15 @@ def english_like_documents(n_docs, seed=0, min_words=20, max_words=120):
 
 def decode_one_by_one(model, idx, prefill, compiled=False):
     """(logits of the whole sequence from a KV cache: a prefill of `prefill` tokens, then one token per call;
-    the cache). `compiled` compiles the one-token step, as sample.py --compile does."""
+    the cache). `compiled` decodes with sample.py's compiled one-token step, what sample.py --compile runs."""
     cache = model.new_cache(idx.shape[0], idx.shape[1], "cpu", torch.float32)
-    step = torch.compile(model.logits, dynamic=True) if compiled else model.logits
     steps = [model.logits(idx[:, :prefill], cache=cache)]
-    steps += [step(idx[:, t:t + 1], cache=cache) for t in range(prefill, idx.shape[1])]
+    if compiled:
+        from sample import compiled_decode_step
+
+        steps += [compiled_decode_step(model, idx[:, t:t + 1], cache)[:, None] for t in range(prefill, idx.shape[1])]
+    else:
+        steps += [model.logits(idx[:, t:t + 1], cache=cache) for t in range(prefill, idx.shape[1])]
     return torch.cat(steps, dim=1), cache
 
 

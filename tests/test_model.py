@@ -1,6 +1,8 @@
 """model.py against references nobody here wrote: transformers' Llama, an explicit-mask attention, F.cross_entropy."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -330,14 +332,9 @@ def test_optimizer_decays_matrices_and_embeddings_but_not_norm_gains(tied):
     assert len(decay_of) == sum(p.requires_grad for p in model.parameters())  # nothing beyond the model's own
 
 
-@pytest.mark.parametrize("window,sink,prefill,compiled", [(None, 0, 8, False), (5, 0, 8, False), (5, 3, 8, False),
-                                                       (5, 3, 2, False), (5, 3, 12, False),
-                                                       pytest.param(5, 0, 8, True, marks=needs_cxx),
-                                                       pytest.param(5, 3, 2, True, marks=needs_cxx)])
-def test_kv_cache_decoding_matches_full_forward(window, sink, prefill, compiled):
-    """Compiled, a one-token step attends through decode_attention's fused sums of products instead of SDPA: it
-    must give the same logits too (a ring-buffer layer past its window and a full layer, GQA, B=2). With sink
-    tokens: a prefill shorter than the sinks, between, and longer than sinks + window."""
+def check_decoding(window, sink, prefill, compiled):
+    """A prefill of `prefill` tokens, then one token per call, gives the full forward's logits: a ring-buffer
+    layer past its window and a full layer, GQA, B=2."""
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=128, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, mlp_hidden=48,
                        window=[window, None], max_seq_len=64, sink_tokens=sink)
@@ -349,6 +346,28 @@ def test_kv_cache_decoding_matches_full_forward(window, sink, prefill, compiled)
     torch.testing.assert_close(decoded, full, atol=1e-5, rtol=1e-5)
     if window:  # the sinks and a ring buffer of W, not the whole sequence
         assert cache.layers[0].k.shape[2] == sink + window
+
+
+@pytest.mark.parametrize("window,sink,prefill", [(None, 0, 8), (5, 0, 8), (5, 3, 8), (5, 3, 2), (5, 3, 12)])
+def test_kv_cache_decoding_matches_full_forward(window, sink, prefill):
+    """With sink tokens: a prefill shorter than the sinks, between, and longer than sinks + window."""
+    check_decoding(window, sink, prefill, compiled=False)
+
+
+@needs_cxx
+def test_compiled_decoding_matches_full_forward_from_a_cold_and_a_warm_compile_cache(tmp_path):
+    """sample.py's compiled one-token step attends through decode_attention's fused sums of products instead of
+    SDPA: the same logits too, past the window and with the sinks still filling. Two fresh processes share one
+    compile cache, as two runs of sample.py --compile do: the second one's graphs come from the cache, where
+    torch 2.13's AOTAutograd cache gave a filling ring buffer the full buffer's graph (wrong logits; sample.py
+    turns that cache off)."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from test_model import check_decoding; "
+            "check_decoding(5, 0, 8, compiled=True); check_decoding(5, 3, 2, compiled=True)")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "compile-cache")}
+    for run in ("cold", "warm"):
+        proc = subprocess.run([sys.executable, "-c", code, os.path.dirname(__file__)], env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{run} compile cache:\n{proc.stderr[-3000:]}"
 
 
 def test_kv_cache_refuses_multi_token_append_after_prefill():
