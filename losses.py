@@ -22,6 +22,20 @@ def kl_full(student_logits, teacher_logits, temperature=1.0):
     return temperature ** 2 * (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
+def kl_full_and_teacher_probs(student_logits, teacher_logits, temperature=1.0, student_lse=None):
+    """kl_full's rows, and the teacher's probabilities p = softmax(teacher / T): the rows' gradient with respect to
+    the student logits is T (softmax(student / T) - p), so training builds it without an autograd graph (which
+    keeps about ten vocab-wide temporaries per chunk). Overwrites teacher_logits, which must be fp32. `student_lse`:
+    logsumexp(student / T) when the caller has it already."""
+    s = student_logits if temperature == 1.0 else student_logits / temperature
+    log_p = teacher_logits if temperature == 1.0 else teacher_logits.div_(temperature)
+    log_p = log_p.sub_(log_p.logsumexp(-1, keepdim=True))
+    p = log_p.exp()
+    lse = s.logsumexp(-1) if student_lse is None else student_lse
+    kl = log_p.sub_(s).add_(lse[:, None]).mul_(p).sum(-1)  # sum p (log p - log q), in place
+    return temperature ** 2 * kl, p
+
+
 def kl_topk(student_logits, teacher_logits, k, temperature=1.0):
     """Per row: T^2 * the exact KL over k+1 buckets, the teacher's top-k ids one by one and everything else as
     one tail bucket (the teacher's tail mass vs the student's tail mass on the same ids). Merging buckets can
@@ -64,20 +78,16 @@ def kl_cached(student_logits, ids, values, temperature=1.0):
     return temperature ** 2 * kl
 
 
-def kd_rows(student_logits, teacher_logits, temperature, top_k):
-    return (kl_full(student_logits, teacher_logits, temperature) if top_k == 0
-            else kl_topk(student_logits, teacher_logits, top_k, temperature))
-
-
 class ChunkedHeadLoss(torch.autograd.Function):
     """ce_weight * CE + kd_weight * KD of (hidden @ weight.T), means over the target tokens, one chunk of rows at
     a time. With `adaptive` = b > 0 each token's KD is weighted by 1 + b * p_teacher(y) * (1 - p_student(y)) (y
     the target, both at T = 1, no gradient through the weight): more where the teacher is sure of the right
     token and the student is not.
 
-    The gradient with respect to a chunk's logits is built in forward (CE's softmax - onehot in closed form,
-    KD's through autograd on the logits alone), then pushed through the head matmul by hand; backward only
-    scales what forward stored. Returns (loss, mean CE, mean weighted KD); the last two are for logging.
+    The gradient with respect to a chunk's logits is built in forward (CE's softmax - onehot and full-vocabulary
+    KD's softmax - p_teacher in closed form, top-k and cached KD's through autograd on the logits alone), then
+    pushed through the head matmul by hand; backward only scales what forward stored. Returns (loss, mean CE,
+    mean weighted KD); the last two are for logging.
     """
 
     @staticmethod
@@ -96,30 +106,49 @@ class ChunkedHeadLoss(torch.autograd.Function):
             safe_t = t.clamp(min=0)
             log_z = torch.logsumexp(logits, dim=-1)
             sums[0] += ((log_z - logits.gather(1, safe_t[:, None]).squeeze(1)) * ok).sum()
-            kd_grad = None
+            kd_grad = teacher_p = None
+            token_weight = ok.float()
             if kd_weight > 0:
-                token_weight = ok.float()
                 if adaptive > 0:
                     p_student = (logits.gather(1, safe_t[:, None]).squeeze(1) - log_z).exp()
                     p_teacher = teacher_target_logprob(teacher, rows, safe_t).exp()
                     token_weight = token_weight * (1 + adaptive * p_teacher * (1 - p_student))
-                with torch.enable_grad():
-                    student_logits = logits.detach().requires_grad_(need_grad)
-                    kd = (teacher_kd(teacher, rows, student_logits, temperature, top_k) * token_weight).sum()
-                    if need_grad:
-                        (kd_grad,) = torch.autograd.grad(kd, student_logits)
+                if teacher[0] == "live" and top_k == 0:  # closed form: no autograd graph over vocab-wide rows
+                    with torch.no_grad():
+                        teacher_logits = (teacher[1][rows] @ teacher[2].t()).float()
+                    kd, teacher_p = kl_full_and_teacher_probs(logits, teacher_logits, temperature,
+                                                              log_z if temperature == 1.0 else None)
+                    kd = (kd * token_weight).sum()
+                    del teacher_logits
+                    if need_grad and temperature != 1.0:  # d(T^2 KL)/d logits = T (q_T - p_T) per row
+                        kd_grad = F.softmax(logits / temperature, dim=-1).sub_(teacher_p)
+                        kd_grad.mul_((temperature * token_weight)[:, None])
+                        teacher_p = None
+                else:
+                    with torch.enable_grad():
+                        student_logits = logits.detach().requires_grad_(need_grad)
+                        kd = (teacher_kd(teacher, rows, student_logits, temperature, top_k) * token_weight).sum()
+                        if need_grad:
+                            (kd_grad,) = torch.autograd.grad(kd, student_logits)
+                    del student_logits  # a chunk of vocab-wide rows: freed before g is built
                 sums[1] += kd.detach()
-                del student_logits, kd  # a chunk of vocab-wide rows: freed before g is built
             if not need_grad:
                 continue
-            # d(mean loss)/d logits: ce_weight (softmax - onehot) on valid rows, plus kd_weight dKD, over n_valid
+            # d(mean loss)/d logits, over n_valid: ce_weight (q - onehot) on valid rows, q = softmax(logits), plus
+            # kd_weight times KD's: w (q - p) in closed form at T = 1 (one shared q), else kd_grad. In place: the
+            # logits' buffer becomes g, and no second chunk-sized temporary is made.
+            ce_scale = ce_weight * ok.float() / n_valid
+            kd_scale = kd_weight * token_weight / n_valid
             g = logits.sub_(log_z[:, None]).exp_()
-            g[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-            g *= (ce_weight * ok.float())[:, None]
+            g.mul_((ce_scale if teacher_p is None else ce_scale + kd_scale)[:, None])
+            if teacher_p is not None:
+                g.addcmul_(teacher_p, kd_scale[:, None], value=-1.0)
+                del teacher_p
+            g[torch.arange(len(t), device=t.device), safe_t] -= ce_scale
             if kd_grad is not None:
-                g.add_(kd_grad, alpha=kd_weight)  # in place, as below: no second chunk-sized temporary
+                g.add_(kd_grad.mul_(kd_weight / n_valid))
                 del kd_grad
-            g = g.div_(n_valid).to(weight.dtype)
+            g = g.to(weight.dtype)
             if need_hidden_grad:
                 grad_hidden[rows] = (g @ weight.to(g.dtype)).to(hidden.dtype)
             if need_weight_grad:
@@ -148,14 +177,15 @@ def teacher_target_logprob(teacher, rows, targets):
 
 
 def teacher_kd(teacher, rows, student_logits, temperature, top_k):
-    """Per-row KD of one chunk against the live teacher ("live", its hidden states, its head weight), whose
-    logits are formed here a chunk at a time, or against cached entries ("cache", ids, values)."""
+    """Per-row top-k KD of one chunk against the live teacher ("live", its hidden states, its head weight), whose
+    logits are formed here a chunk at a time, or KD against cached entries ("cache", ids, values). (Full-vocab KD
+    against the live teacher has a closed-form gradient: ChunkedHeadLoss.)"""
     kind, a, b = teacher
     if kind == "cache":
         return kl_cached(student_logits, a[rows], b[rows], temperature)
     with torch.no_grad():
         teacher_logits = (a[rows] @ b.t()).float()
-    return kd_rows(student_logits, teacher_logits, temperature, top_k)
+    return kl_topk(student_logits, teacher_logits, top_k, temperature)
 
 
 def head_loss(hidden, weight, targets, *, teacher=None, teacher_entries=None, alpha=0.0, loss_multi=None,
@@ -224,8 +254,8 @@ def evaluate(model, batches, env, ctx, *, chunk_rows=1024, teacher=None, teacher
                 with ctx:
                     lt = (ht[rows] @ teacher.lm_head.weight.t()).float()
                 sums[1] += F.cross_entropy(lt, y[rows], reduction="sum").double()
-                sums[2] += (kl_full(ls, lt) * ok).sum().double()
                 sums[3] += ((ls.argmax(-1) == lt.argmax(-1)) & ok).sum().double()
+                sums[2] += (kl_full_and_teacher_probs(ls, lt)[0] * ok).sum().double()  # overwrites lt
             elif teacher_entries is not None:
                 ids, values = (t[rows] for t in teacher_entries[n])
                 sums[1] -= (values[:, -1] * ok).sum().double()
