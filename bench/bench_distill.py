@@ -9,10 +9,14 @@
    reports its peak RSS above what it held before the loss; on a GPU, torch.cuda.max_memory_allocated.
 3. (--part eval) Phase 1's per-layer evals over one rotation: the teacher's val hidden states computed once
    (losses.teacher_val_hidden) against a teacher forward in every eval; the numbers must be identical.
+4. (--part kd-speed) Phase 2's head loss, forward + backward, time: losses.head_loss (chunked, the full-vocab
+   KD gradient in closed form) against the textbook loss (both models' full logits, F.log_softmax, F.kl_div,
+   F.cross_entropy, autograd), alternating in one process on the same inputs; the gradients must agree.
 
     python bench/bench_distill.py                       # 1 and 2, a few minutes on a laptop CPU
     python bench/bench_distill.py --part rotation --seq-len 256 --steps-per-layer 4
     python bench/bench_distill.py --part eval --num-batches 2 --seq-len 256 --repeats 1
+    python bench/bench_distill.py --part kd-speed --batch-size-kd 4 --seq-len-kd 256 --threads 2 --repeats 5
 """
 import argparse
 import copy
@@ -199,10 +203,59 @@ def bench_memory(args):
           f"{results['unchunked']['peak_bytes'] / 2**20:.0f} MiB ({ratio:.1f}x less)")
 
 
+def bench_kd_speed(args):
+    torch.set_num_threads(args.threads)
+    rows, V, C = args.batch_size_kd * args.seq_len_kd, 49152, 576
+    torch.manual_seed(0)  # logits of a trained model's scale (std ~2-3), a student near its teacher
+    weight = (torch.randn(V, C) * 0.12).requires_grad_()
+    hidden = torch.randn(rows, C, requires_grad=True)
+    teacher_weight = weight.detach() + 0.02 * torch.randn(V, C)
+    teacher_hidden = hidden.detach() + 0.3 * torch.randn(rows, C)
+    targets = torch.randint(0, V, (rows,))
+    alpha = args.alpha
+
+    def chunked():
+        loss, _, _ = losses_module.head_loss(hidden, weight, targets, teacher=(teacher_hidden, teacher_weight),
+                                             alpha=alpha, chunk_rows=args.chunk)
+        loss.backward()
+        return loss
+
+    def textbook():
+        logits = hidden @ weight.t()
+        with torch.no_grad():
+            teacher_logits = teacher_hidden @ teacher_weight.t()
+        kd = torch.nn.functional.kl_div(torch.nn.functional.log_softmax(logits, -1),
+                                        torch.nn.functional.log_softmax(teacher_logits, -1), log_target=True,
+                                        reduction="batchmean")
+        loss = alpha * kd + (1 - alpha) * torch.nn.functional.cross_entropy(logits, targets)
+        loss.backward()
+        return loss
+
+    print(f"phase-2 head loss (alpha {alpha}), forward + backward: {rows} tokens, vocab {V}, n_embd {C}, "
+          f"{torch.get_num_threads()} threads")
+    times, results = {"chunked, closed form": [], "textbook, autograd": []}, {}
+    for rep in range(args.repeats):
+        for name, fn in (("chunked, closed form", chunked), ("textbook, autograd", textbook)):
+            hidden.grad = weight.grad = None
+            t0 = time.perf_counter()
+            loss = fn()
+            times[name].append(time.perf_counter() - t0)
+            results[name] = (loss.item(), hidden.grad.clone(), weight.grad.clone())
+            print(f"  repeat {rep}: {name:22s} {times[name][-1]:6.2f} s | loss {loss.item():.6f}")
+    (a_loss, a_h, a_w), (b_loss, b_h, b_w) = results.values()
+    rel = max(((a - b).abs().max() / b.abs().max()).item() for a, b in ((a_h, b_h), (a_w, b_w)))
+    median = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    print(f"phase-2 head loss: chunked closed form {median['chunked, closed form']:.2f} s | textbook "
+          f"{median['textbook, autograd']:.2f} s (medians of {args.repeats}) | "
+          f"{median['textbook, autograd'] / median['chunked, closed form']:.2f}x | loss {a_loss:.6f} vs {b_loss:.6f} | "
+          f"gradients' max difference / max {rel:.1e}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["rotation", "memory", "eval", "both"], default="both",
-                        help="both = rotation and memory; eval = phase-1 evals with and without the cached teacher")
+    parser.add_argument("--part", choices=["rotation", "memory", "eval", "kd-speed", "both"], default="both",
+                        help="both = rotation and memory; eval = phase-1 evals with and without the cached teacher; "
+                             "kd-speed = the phase-2 head loss's time against the textbook loss")
     parser.add_argument("--batch-size", type=int, default=1, help="phase 1: sequences per batch")
     parser.add_argument("--seq-len", type=int, default=128, help="phase 1: tokens per sequence")
     parser.add_argument("--num-batches", type=int, default=2, help="phase 1: batches in the cache")
@@ -212,6 +265,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size-kd", type=int, default=4, help="phase 2: sequences in the loss")
     parser.add_argument("--seq-len-kd", type=int, default=1024, help="phase 2: tokens per sequence")
     parser.add_argument("--chunk", type=int, default=1024, help="phase 2: rows per chunk (distill.py's LOSS_CHUNK)")
+    parser.add_argument("--alpha", type=float, default=1.0, help="kd-speed: the KD weight (the CPU recipe's: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared machine)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
@@ -225,3 +279,5 @@ if __name__ == "__main__":
             bench_memory(args)
         if args.part == "eval":
             bench_eval(args)
+        if args.part == "kd-speed":
+            bench_kd_speed(args)
