@@ -114,8 +114,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                     p_teacher = teacher_target_logprob(teacher, rows, safe_t).exp()
                     token_weight = token_weight * (1 + adaptive * p_teacher * (1 - p_student))
                 if teacher[0] == "live" and top_k == 0:  # closed form: no autograd graph over vocab-wide rows
-                    with torch.no_grad():
-                        teacher_logits = (teacher[1][rows] @ teacher[2].t()).float()
+                    teacher_logits = live_teacher_logits(teacher, rows)
                     kd, teacher_p = kl_full_and_teacher_probs(logits, teacher_logits, temperature,
                                                               log_z if temperature == 1.0 else None)
                     kd = (kd * token_weight).sum()
@@ -166,13 +165,19 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 None, None, None)
 
 
+def live_teacher_logits(teacher, rows):
+    """One chunk's fp32 logits of the live teacher ("live", its hidden states, its head weight)."""
+    _, hidden, weight = teacher
+    with torch.no_grad():
+        return (hidden[rows] @ weight.t()).float()
+
+
 def teacher_target_logprob(teacher, rows, targets):
     """The teacher's log-probability (T = 1) of each row's target token: from its logits, or the cache's."""
     kind, a, b = teacher
     if kind == "cache":
         return b[rows][:, -1].float()  # teacher_cache.py stores it last in each entry's values
-    with torch.no_grad():
-        teacher_logits = (a[rows] @ b.t()).float()
+    teacher_logits = live_teacher_logits(teacher, rows)
     return teacher_logits.gather(1, targets[:, None]).squeeze(1) - teacher_logits.logsumexp(-1)
 
 
@@ -183,9 +188,7 @@ def teacher_kd(teacher, rows, student_logits, temperature, top_k):
     kind, a, b = teacher
     if kind == "cache":
         return kl_cached(student_logits, a[rows], b[rows], temperature)
-    with torch.no_grad():
-        teacher_logits = (a[rows] @ b.t()).float()
-    return kl_topk(student_logits, teacher_logits, top_k, temperature)
+    return kl_topk(student_logits, live_teacher_logits(teacher, rows), top_k, temperature)
 
 
 def head_loss(hidden, weight, targets, *, teacher=None, teacher_entries=None, alpha=0.0, loss_multi=None,
