@@ -60,7 +60,7 @@ from model import GPT, MLP_KINDS
 from runtime import autocast, resolve_dtype, say, setup_device, shutdown
 from student import check_layers, init_new_mlps, layer_target, load_student, phase2_target, set_trainable
 from training import (Throughput, all_reduce_gradients, changed_settings, guarded_step, load_optimizer_state, lr_at,
-                      micro_batches, restore_training_state, save_run_checkpoint, set_lr)
+                      micro_batches, restore_training_state, save_run_checkpoint, set_lr, steps_in_budget)
 
 # ----------------------------------------------------------------------------------------------------------
 # Defaults: every one can be set in a YAML file (lower-case key) or on the command line (--name value)
@@ -113,6 +113,7 @@ MAX_STEPS: int = 1000  # phase-2 optimizer steps
 LR: float = 3e-4  # phase-2 peak learning rate
 LR_ATTN: Optional[float] = None  # phase-2 peak LR of attention (attn_norm + attention); None = LR
 TARGET_TOKENS: Optional[int] = None  # phase-2 token budget: sets MAX_STEPS to ceil(TARGET_TOKENS / tokens per step)
+BUDGET_MINUTES: Optional[float] = None  # wall-clock budget of the whole run: phase 2 ends at the last step that fits (MAX_STEPS at most), timed over its warmup
 MIN_LR_FRAC: float = 0.1  # the LR decays to MIN_LR_FRAC * LR (both phases)
 WARMUP_STEPS: int = 100  # phase-2 linear warmup
 LR_SCHEDULE: Literal["trapezoid", "cosine", "constant"] = "cosine"  # trapezoid, cosine or constant (both phases)
@@ -149,7 +150,7 @@ PHASE1_RESUMABLE_CHANGES = ("resume", "run_dir", "log_every", "keep_checkpoints"
                              "cache_device", "eval_every_layers",  # where the cache lives, when evals run
                              "alpha", "temperature", "top_k", "train_params", "max_steps", "lr", "warmup_steps",
                              "loss_multi", "kd_adaptive", "pack",
-                             "lr_attn", "target_tokens",
+                             "lr_attn", "target_tokens", "budget_minutes",
                              "grad_accum", "checkpoint_every")  # phase 2 only
 
 
@@ -168,6 +169,7 @@ class Run:
     cache: Optional[teacher_cache.TeacherCache] = None  # phase 2's teacher, read from disk (TEACHER_CACHE)
     cache_val: Optional[list] = None  # the cache's (ids, values) of this rank's val windows
     evals: list = dataclasses.field(default_factory=list)  # this process's end-to-end evals, in order
+    started: float = 0.0  # time.perf_counter() when main() began: BUDGET_MINUTES counts from here
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ def main(argv=None):
             if start_checkpoint is not None and s.resume else None
         metrics = checkpoints.start_run_dir(s.run_dir, {**config, "world_size": env.world_size, "student_config":
                                                         dataclasses.asdict(student.config)}, tokenizer, resumed)
-    run = Run(s, config, env, ctx, metrics, tokenizer_src, teacher, student, cache=cache)
+    run = Run(s, config, env, ctx, metrics, tokenizer_src, teacher, student, cache=cache, started=t0)
     if teacher is not None:  # the teacher's side of every eval, computed once
         run.teacher_val = losses.teacher_val_hidden(teacher, val_windows(run), ctx)
 
@@ -289,7 +291,8 @@ def check_settings(s):
                                 "checkpoint_every_layer", "keep_checkpoints", "eval_every_layers"))
     check_at_least(vars(s), 0.0, ("weight_decay", "grad_clip", "cosine_weight"))
     check_positive(vars(s), ("lr", "lr_layer", "temperature", "refit_ridge"))
-    check_positive(vars(s), [k for k in ("lr_attn", "lr_attn_layer", "target_tokens") if getattr(s, k) is not None])
+    check_positive(vars(s), [k for k in ("lr_attn", "lr_attn_layer", "target_tokens", "budget_minutes")
+                             if getattr(s, k) is not None])
     check_fraction(vars(s), ("alpha", "cooldown_frac", "min_lr_frac", "betas"))
     check_at_least(vars(s), 0.0, ("kd_adaptive",) if s.loss_multi is None else ("kd_adaptive", "loss_multi"))
     s.conversations = False  # whether DATA_DIR holds conversations: main() reads its manifest (check_data_kind)
@@ -596,6 +599,15 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
         loader.load_state_dict({**loader_state, "order": s.data_order, "seed": s.seed})
     else:  # a student no phase 1 evaluated: the start of the curve, as train.py evaluates its step 0
         evaluate_student(run, "phase 2 start (undistilled student)", 2, 0)
+    # BUDGET_MINUTES: the step time is measured over the warmup (whose LRs do not depend on MAX_STEPS), leaving out
+    # this process's first step (allocations); a resumed run keeps the horizon its checkpoint chose, so it ends
+    # where an uninterrupted run would
+    budget_at = max(s.warmup_steps, 4, step + 3) if s.budget_minutes is not None and step < s.max_steps else None
+    if budget_at is not None and resume_path is not None and checkpoint.get("budget_steps") is not None:
+        s.max_steps = run.config["max_steps"] = checkpoint["budget_steps"]
+        say(f"time budget: phase 2 ends at step {s.max_steps}, as the resumed checkpoint set it")
+        budget_at = None
+    first_step, timed_seconds = step, []  # the step times of this process, after its first step
     model = DDP(student, device_ids=[env.local_rank] if env.device_type == "cuda" else None) if env.ddp else student
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * env.world_size
     if run.cache is not None and uses_kd(s):  # refused now, not at the step that would read past it
@@ -625,9 +637,14 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
             sums += torch.stack([loss.detach(), ce, kd]) / s.grad_accum
         (loss, ce, kd), norm = guarded_step(optimizer, sums, env, s.grad_clip, s.run_dir, step)
         step += 1
+        seconds, rate = throughput.step()
         run.metrics.write(phase=2, step=step, loss=loss, ce=ce, kd=kd if uses_kd(s) else None, lr=lr,
-                          grad_norm=norm, alpha=s.alpha, tokens_per_s=throughput.step()[1], epoch=loader.epoch)
+                          grad_norm=norm, alpha=s.alpha, tokens_per_s=rate, epoch=loader.epoch)
         bar.update(1)
+        timed_seconds += [seconds] if step > first_step + 1 else []
+        if step == budget_at:
+            fit_budget(run, step, sum(timed_seconds) / len(timed_seconds), tokens_per_step)
+            bar.total, budget_at = s.max_steps, None
         if loader.epoch != epoch:
             epoch = loader.epoch
             say(f"phase 2 step {step}: the train stream wrapped around; epoch {epoch} begins")
@@ -639,9 +656,34 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
             result = evaluate_student(run, f"phase 2 step {step}", 2, step)
             save_student(run, f"step_{step:06d}.pt", {"phase": 2, "step": step, "alpha": s.alpha, "eval": result,
                                                       "optimizer": optimizer.state_dict(),
-                                                      "loader": loader.state_dict()}, prefix="step_")
+                                                      "loader": loader.state_dict(),
+                                                      "budget_steps": s.max_steps if s.budget_minutes is not None
+                                                      and budget_at is None else None}, prefix="step_")
             throughput.pause()
     bar.close()
+
+
+def fit_budget(run, step, step_seconds, tokens_per_step):
+    """BUDGET_MINUTES: end phase 2 at the last step that fits, keeping time for the final eval and save (as long
+    as the latest eval took) and for the evals of the CHECKPOINT_EVERY saves on the way. Every rank takes the
+    slowest rank's times, so all of them stop at the same step."""
+    s, env = run.s, run.env
+    eval_seconds = run.evals[-1]["eval_seconds"] if run.evals else 0.0
+    times = [time.perf_counter() - run.started, step_seconds, eval_seconds]
+    if env.ddp:
+        times = torch.tensor(times, dtype=torch.float64, device=env.device)
+        torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
+        times = times.tolist()
+    elapsed, step_seconds, eval_seconds = times
+    per_step = step_seconds + (eval_seconds / s.checkpoint_every if s.checkpoint_every > 0 else 0.0)
+    cap = s.max_steps
+    s.max_steps = run.config["max_steps"] = steps_in_budget(step, cap, 60 * s.budget_minutes, elapsed, per_step,
+                                                             reserve_seconds=eval_seconds)
+    say(f"time budget {s.budget_minutes:g} min: {elapsed / 60:.1f} min spent by phase-2 step {step}, "
+        f"{step_seconds:.2f} s/step over steps 2-{step}, {eval_seconds:.0f} s kept for the final eval: phase 2 ends at "
+        f"step {s.max_steps} of MAX_STEPS {cap} ({s.max_steps * tokens_per_step:,} tokens)")
+    run.metrics.write(phase=2, step=step, event="budget", budget_minutes=s.budget_minutes, elapsed_seconds=elapsed,
+                      step_seconds=step_seconds, eval_seconds=eval_seconds, max_steps=s.max_steps, cap=cap)
 
 
 def phase2_loss(run, model, x, y, segments, offset):

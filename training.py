@@ -38,6 +38,14 @@ def lr_at(step, max_steps, lr, warmup_steps, *, schedule="trapezoid", cooldown_f
     raise ValueError(f"unknown lr schedule '{schedule}'; expected trapezoid, cosine or constant")
 
 
+def steps_in_budget(step, max_steps, budget_seconds, elapsed_seconds, step_seconds, reserve_seconds=0.0):
+    """The step a run should end at to finish within `budget_seconds`: `elapsed_seconds` spent by the end of
+    step `step`, `step_seconds` per step from here, `reserve_seconds` kept for what follows the last step. Never
+    past `max_steps`, never before `step` (a spent budget ends the run now)."""
+    steps_that_fit = math.floor((budget_seconds - elapsed_seconds - reserve_seconds) / step_seconds)
+    return max(step, min(max_steps, step + steps_that_fit))
+
+
 def window_at(step, max_steps, start, end, granularity=64):
     """The attention window at optimizer step `step` (0-based) under a linear schedule from `start` to `end`,
     rounded down to a multiple of `granularity` (at least `start`): few distinct windows, so few mask shapes

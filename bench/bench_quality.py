@@ -111,6 +111,7 @@ def run_recipe(recipe, teacher_dir, data_dir, overrides):
     phase1 = [r for r in evals if r["phase"] == 1]
     window = config["batch_size"] * config["seq_len"]
     done = [r for r in records if r.get("event") == "phase1_done"]
+    phase2_steps = max([r["step"] for r in records if r["phase"] == 2 and "loss" in r], default=0)  # BUDGET_MINUTES
     eval_share = sum(r.get("eval_seconds", 0) for r in phase1) / done[0]["seconds"] if done else None
     return {"recipe": recipe, "overrides": overrides, "wall_min": wall / 60,
             "cpu_min": (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) / 60,
@@ -118,7 +119,7 @@ def run_recipe(recipe, teacher_dir, data_dir, overrides):
             "after_phase1": phase1[-1] if len(phase1) > 1 else None, "final": evals[-1],
             "phase1_eval_share": eval_share,  # of phase 1's wall time, the share its end-to-end evals took
             "phase1_tokens": config["rotations"] * config["num_batches"] * window if "1" in config["phases"] else 0,
-            "phase2_tokens": config["max_steps"] * window * config["grad_accum"] if "2" in config["phases"] else 0}
+            "phase2_tokens": phase2_steps * window * config["grad_accum"]}
 
 
 INIT_VARIANTS = [("relu2", 768, "zero", False, "teacher", "importance"),

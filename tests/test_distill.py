@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import time
 
 import pytest
 import torch
@@ -315,6 +316,48 @@ def test_target_tokens_sets_the_phase2_steps_and_phase1_states_its_budget(teache
     assert "phase 1 budget: 1 rotation(s) x 4 batches x 128 tokens = 512 tokens through the teacher" in out
     assert "2 layer steps x 128 tokens" in out
     assert "phase 2: steps 0 -> 3" in out and os.path.exists(os.path.join(run, "step_000003.pt"))
+
+
+def test_a_time_budget_ends_phase2_at_the_steps_that_fit_and_records_them(teacher_dir, data_dir, tmp_path):
+    run, budget = str(tmp_path / "run"), 0.2  # minutes
+    started = time.perf_counter()
+    run_here(*distill_args(teacher_dir, data_dir, run, "--phases", "2", "--max-steps", "100000", "--warmup-steps", "5",
+                           "--checkpoint-every", "0", "--budget-minutes", budget))
+    seconds = time.perf_counter() - started
+    fit = [r for r in records(run) if r.get("event") == "budget"]
+    assert len(fit) == 1 and fit[0]["step"] == 5 and fit[0]["step_seconds"] > 0
+    steps = [r["step"] for r in records(run) if r["phase"] == 2 and "loss" in r]
+    assert steps[-1] == fit[0]["max_steps"] < 100000
+    saved = torch.load(os.path.join(run, f"step_{steps[-1]:06d}.pt"), weights_only=True)
+    assert saved["budget_steps"] == steps[-1] and saved["config"]["max_steps"] == steps[-1]
+    assert steps[-1] == 5 or seconds < 60 * budget * 1.25, seconds  # it ran on until its budget, not past it
+
+
+def test_a_resumed_time_budgeted_run_keeps_its_horizon_and_its_weights(teacher_dir, data_dir, tmp_path, monkeypatch):
+    args = ["--phases", "2", "--max-steps", "20", "--warmup-steps", "4", "--checkpoint-every", "2",
+            "--keep-checkpoints", "0", "--budget-minutes", "30"]
+    monkeypatch.setattr(distill, "steps_in_budget", lambda step, *a, **k: step + 3)  # a step time that fits 3 more
+    run_here(*distill_args(teacher_dir, data_dir, str(tmp_path / "straight"), *args))
+    assert [r["max_steps"] for r in records(str(tmp_path / "straight")) if r.get("event") == "budget"] == [7]
+    calls, loss = [0], distill.phase2_loss
+
+    def crashing_loss(*a, **k):
+        calls[0] += 1
+        if calls[0] > 6:  # in step 7; the last checkpoint is step 6, saved after the horizon was set at step 4
+            raise RuntimeError("simulated crash")
+        return loss(*a, **k)
+
+    monkeypatch.setattr(distill, "phase2_loss", crashing_loss)
+    resumed = distill_args(teacher_dir, data_dir, str(tmp_path / "resumed"), *args)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_here(*resumed)
+    monkeypatch.setattr(distill, "phase2_loss", loss)
+    monkeypatch.setattr(distill, "steps_in_budget", lambda step, *a, **k: step + 10)  # a faster machine now
+    run_here(*resumed, "--resume")
+    assert not os.path.exists(tmp_path / "resumed" / "step_000008.pt")
+    a, b = (torch.load(tmp_path / run / "step_000007.pt", weights_only=True) for run in ("straight", "resumed"))
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
 
 
 def test_batch_order_is_a_pure_function_that_visits_every_cached_batch_once_per_pass():

@@ -32,6 +32,16 @@ def test_lr_schedule_without_warmup_or_cooldown_is_flat_and_an_unknown_one_is_na
         training.lr_at(3, schedule="linear", **SCHEDULE)
 
 
+@pytest.mark.parametrize("elapsed,step_seconds,reserve,expected", [
+    (100.0, 10.0, 50.0, 5 + 45),  # 600 - 100 - 50 = 450 s left: 45 more steps
+    (100.0, 10.0, 55.0, 5 + 44),  # a step that would end 5 s past the budget is not taken
+    (0.0, 0.5, 0.0, 1000),  # more fits than MAX_STEPS: MAX_STEPS
+    (590.0, 10.0, 30.0, 5),  # the budget is spent: end now
+])
+def test_steps_in_budget_counts_the_whole_steps_that_end_before_the_budget(elapsed, step_seconds, reserve, expected):
+    assert training.steps_in_budget(5, 1000, 600.0, elapsed, step_seconds, reserve) == expected
+
+
 def tiny_gpt():
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_kv_head=1, n_embd=16, head_dim=8, mlp_hidden=32)
