@@ -113,7 +113,7 @@ MAX_STEPS: int = 1000  # phase-2 optimizer steps
 LR: float = 3e-4  # phase-2 peak learning rate
 LR_ATTN: Optional[float] = None  # phase-2 peak LR of attention (attn_norm + attention); None = LR
 TARGET_TOKENS: Optional[int] = None  # phase-2 token budget: sets MAX_STEPS to ceil(TARGET_TOKENS / tokens per step)
-BUDGET_MINUTES: Optional[float] = None  # wall-clock budget of the whole run: phase 2 ends at the last step that fits (MAX_STEPS at most), timed over its warmup
+BUDGET_MINUTES: Optional[float] = None  # wall-clock budget of the whole run: after its warmup, phase 2 ends at the last step that fits at the recent step time (MAX_STEPS at most)
 MIN_LR_FRAC: float = 0.1  # the LR decays to MIN_LR_FRAC * LR (both phases)
 WARMUP_STEPS: int = 100  # phase-2 linear warmup
 LR_SCHEDULE: Literal["trapezoid", "cosine", "constant"] = "cosine"  # trapezoid, cosine or constant (both phases)
@@ -599,15 +599,16 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
         loader.load_state_dict({**loader_state, "order": s.data_order, "seed": s.seed})
     else:  # a student no phase 1 evaluated: the start of the curve, as train.py evaluates its step 0
         evaluate_student(run, "phase 2 start (undistilled student)", 2, 0)
-    # BUDGET_MINUTES: the step time is measured over the warmup (whose LRs do not depend on MAX_STEPS), leaving out
-    # this process's first step (allocations); a resumed run keeps the horizon its checkpoint chose, so it ends
-    # where an uninterrupted run would
-    budget_at = max(s.warmup_steps, 4, step + 3) if s.budget_minutes is not None and step < s.max_steps else None
-    if budget_at is not None and resume_path is not None and checkpoint.get("budget_steps") is not None:
-        s.max_steps = run.config["max_steps"] = checkpoint["budget_steps"]
-        say(f"time budget: phase 2 ends at step {s.max_steps}, as the resumed checkpoint set it")
-        budget_at = None
-    first_step, timed_seconds = step, []  # the step times of this process, after its first step
+    # BUDGET_MINUTES: after the warmup (whose LRs do not depend on MAX_STEPS) every step re-fits the horizon to the
+    # time left at the recent step time, since this machine's speed drifts by 40% within a run; a resumed run
+    # starts from the horizon and the time its checkpoint saved
+    budget = None
+    if s.budget_minutes is not None:
+        budget = types.SimpleNamespace(cap=s.max_steps, from_step=max(s.warmup_steps, 4), recent=[], said=None,
+                                       spent_before=checkpoint.get("budget_elapsed", 0.0) if resume_path else 0.0)
+        if resume_path is not None and checkpoint.get("budget_steps") is not None:
+            s.max_steps = run.config["max_steps"] = checkpoint["budget_steps"]
+    first_step = step
     model = DDP(student, device_ids=[env.local_rank] if env.device_type == "cuda" else None) if env.ddp else student
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * env.world_size
     if run.cache is not None and uses_kd(s):  # refused now, not at the step that would read past it
@@ -641,10 +642,11 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
         run.metrics.write(phase=2, step=step, loss=loss, ce=ce, kd=kd if uses_kd(s) else None, lr=lr,
                           grad_norm=norm, alpha=s.alpha, tokens_per_s=rate, epoch=loader.epoch)
         bar.update(1)
-        timed_seconds += [seconds] if step > first_step + 1 else []
-        if step == budget_at:
-            fit_budget(run, step, sum(timed_seconds) / len(timed_seconds), tokens_per_step)
-            bar.total, budget_at = s.max_steps, None
+        if budget is not None and step > first_step + 1:  # the process's first step pays for allocations
+            budget.recent = (budget.recent + [seconds])[-20:]
+            if step >= budget.from_step and len(budget.recent) >= 3:
+                fit_budget(run, budget, step, tokens_per_step)
+                bar.total = s.max_steps
         if loader.epoch != epoch:
             epoch = loader.epoch
             say(f"phase 2 step {step}: the train stream wrapped around; epoch {epoch} begins")
@@ -657,33 +659,43 @@ def run_phase2(run, checkpoint, resume_path, loader_state):
             save_student(run, f"step_{step:06d}.pt", {"phase": 2, "step": step, "alpha": s.alpha, "eval": result,
                                                       "optimizer": optimizer.state_dict(),
                                                       "loader": loader.state_dict(),
-                                                      "budget_steps": s.max_steps if s.budget_minutes is not None
-                                                      and budget_at is None else None}, prefix="step_")
+                                                      **budget_entries(run, budget)}, prefix="step_")
             throughput.pause()
     bar.close()
 
 
-def fit_budget(run, step, step_seconds, tokens_per_step):
-    """BUDGET_MINUTES: end phase 2 at the last step that fits, keeping time for the final eval and save (as long
-    as the latest eval took) and for the evals of the CHECKPOINT_EVERY saves on the way. Every rank takes the
-    slowest rank's times, so all of them stop at the same step."""
+def fit_budget(run, budget, step, tokens_per_step):
+    """BUDGET_MINUTES: end phase 2 at the last step that fits in the time left at the mean time of the recent
+    steps, keeping time for the final eval and save (as long as the latest eval took) and for the evals of the
+    CHECKPOINT_EVERY saves on the way; MAX_STEPS at most. Every rank takes the slowest rank's times, so all of
+    them stop at the same step. Said in the log when the horizon is first set and when it moves by 5%."""
     s, env = run.s, run.env
     eval_seconds = run.evals[-1]["eval_seconds"] if run.evals else 0.0
-    times = [time.perf_counter() - run.started, step_seconds, eval_seconds]
+    times = [budget.spent_before + time.perf_counter() - run.started, sum(budget.recent) / len(budget.recent),
+             eval_seconds]
     if env.ddp:
         times = torch.tensor(times, dtype=torch.float64, device=env.device)
         torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
         times = times.tolist()
     elapsed, step_seconds, eval_seconds = times
     per_step = step_seconds + (eval_seconds / s.checkpoint_every if s.checkpoint_every > 0 else 0.0)
-    cap = s.max_steps
-    s.max_steps = run.config["max_steps"] = steps_in_budget(step, cap, 60 * s.budget_minutes, elapsed, per_step,
-                                                             reserve_seconds=eval_seconds)
-    say(f"time budget {s.budget_minutes:g} min: {elapsed / 60:.1f} min spent by phase-2 step {step}, "
-        f"{step_seconds:.2f} s/step over steps 2-{step}, {eval_seconds:.0f} s kept for the final eval: phase 2 ends at "
-        f"step {s.max_steps} of MAX_STEPS {cap} ({s.max_steps * tokens_per_step:,} tokens)")
-    run.metrics.write(phase=2, step=step, event="budget", budget_minutes=s.budget_minutes, elapsed_seconds=elapsed,
-                      step_seconds=step_seconds, eval_seconds=eval_seconds, max_steps=s.max_steps, cap=cap)
+    s.max_steps = run.config["max_steps"] = steps_in_budget(step, budget.cap, 60 * s.budget_minutes, elapsed,
+                                                             per_step, reserve_seconds=eval_seconds)
+    if budget.said is None or abs(s.max_steps - budget.said) > 0.05 * budget.said:
+        say(f"time budget {s.budget_minutes:g} min: {elapsed / 60:.1f} min spent by phase-2 step {step}, "
+            f"{step_seconds:.2f} s/step lately, {eval_seconds:.0f} s kept for the final eval: phase 2 ends at step "
+            f"{s.max_steps} of MAX_STEPS {budget.cap} ({s.max_steps * tokens_per_step:,} tokens)")
+        run.metrics.write(phase=2, step=step, event="budget", budget_minutes=s.budget_minutes,
+                          elapsed_seconds=elapsed, step_seconds=step_seconds, eval_seconds=eval_seconds,
+                          max_steps=s.max_steps, cap=budget.cap)
+        budget.said = s.max_steps
+
+
+def budget_entries(run, budget):
+    """What a phase-2 checkpoint keeps of BUDGET_MINUTES: the horizon so far and the run's time spent by now."""
+    if budget is None:
+        return {}
+    return {"budget_steps": run.s.max_steps, "budget_elapsed": budget.spent_before + time.perf_counter() - run.started}
 
 
 def phase2_loss(run, model, x, y, segments, offset):

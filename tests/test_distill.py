@@ -324,21 +324,30 @@ def test_a_time_budget_ends_phase2_at_the_steps_that_fit_and_records_them(teache
     run_here(*distill_args(teacher_dir, data_dir, run, "--phases", "2", "--max-steps", "100000", "--warmup-steps", "5",
                            "--checkpoint-every", "0", "--budget-minutes", budget))
     seconds = time.perf_counter() - started
-    fit = [r for r in records(run) if r.get("event") == "budget"]
-    assert len(fit) == 1 and fit[0]["step"] == 5 and fit[0]["step_seconds"] > 0
+    fit = [r for r in records(run) if r.get("event") == "budget"]  # set after the warmup, said again as it moves
+    assert fit[0]["step"] == 5 and fit[0]["step_seconds"] > 0 and fit[0]["max_steps"] < 100000
     steps = [r["step"] for r in records(run) if r["phase"] == 2 and "loss" in r]
-    assert steps[-1] == fit[0]["max_steps"] < 100000
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < 100000
     saved = torch.load(os.path.join(run, f"step_{steps[-1]:06d}.pt"), weights_only=True)
     assert saved["budget_steps"] == steps[-1] and saved["config"]["max_steps"] == steps[-1]
+    assert 0 < saved["budget_elapsed"] < seconds
     assert steps[-1] == 5 or seconds < 60 * budget * 1.25, seconds  # it ran on until its budget, not past it
 
 
-def test_a_resumed_time_budgeted_run_keeps_its_horizon_and_its_weights(teacher_dir, data_dir, tmp_path, monkeypatch):
+def test_a_resumed_time_budgeted_run_keeps_its_horizon_its_time_and_its_weights(teacher_dir, data_dir, tmp_path,
+                                                                                 monkeypatch):
     args = ["--phases", "2", "--max-steps", "20", "--warmup-steps", "4", "--checkpoint-every", "2",
             "--keep-checkpoints", "0", "--budget-minutes", "30"]
-    monkeypatch.setattr(distill, "steps_in_budget", lambda step, *a, **k: step + 3)  # a step time that fits 3 more
+    seen = []  # (step, time spent) each time the horizon is fitted, always to step 12 here
+
+    def horizon(step, max_steps, budget_seconds, elapsed_seconds, *a, **k):
+        seen.append((step, elapsed_seconds))
+        return 12
+
+    monkeypatch.setattr(distill, "steps_in_budget", horizon)
     run_here(*distill_args(teacher_dir, data_dir, str(tmp_path / "straight"), *args))
-    assert [r["max_steps"] for r in records(str(tmp_path / "straight")) if r.get("event") == "budget"] == [7]
+    assert [step for step, _ in seen] == list(range(4, 13))  # from the end of the warmup, every step
+    assert [r["max_steps"] for r in records(str(tmp_path / "straight")) if r.get("event") == "budget"] == [12]
     calls, loss = [0], distill.phase2_loss
 
     def crashing_loss(*a, **k):
@@ -352,10 +361,14 @@ def test_a_resumed_time_budgeted_run_keeps_its_horizon_and_its_weights(teacher_d
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_here(*resumed)
     monkeypatch.setattr(distill, "phase2_loss", loss)
-    monkeypatch.setattr(distill, "steps_in_budget", lambda step, *a, **k: step + 10)  # a faster machine now
+    saved = torch.load(tmp_path / "resumed" / "step_000006.pt", weights_only=True)
+    assert saved["budget_steps"] == 12 and saved["budget_elapsed"] > 0
+    seen.clear()
     run_here(*resumed, "--resume")
-    assert not os.path.exists(tmp_path / "resumed" / "step_000008.pt")
-    a, b = (torch.load(tmp_path / run / "step_000007.pt", weights_only=True) for run in ("straight", "resumed"))
+    assert not os.path.exists(tmp_path / "resumed" / "step_000013.pt")
+    # timed again once 3 steps after the resume's first are measured; the time spent before the crash still counts
+    assert [step for step, _ in seen] == [10, 11, 12] and seen[0][1] > saved["budget_elapsed"]
+    a, b = (torch.load(tmp_path / run / "step_000012.pt", weights_only=True) for run in ("straight", "resumed"))
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
 
