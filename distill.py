@@ -817,7 +817,8 @@ def resume_phase2(run, checkpoint, path, optimizer, loader):
     """Continue phase 2 exactly from a step checkpoint; say what changed since. Returns its step."""
     step = restore_training_state(checkpoint, optimizer, loader, path, "keep train_params as it was saved, or "
                                   "start a new --run-dir")
-    changed = changed_settings(checkpoint.get("config", {}), run.config, ignore=("resume", "run_dir", "alpha"))
+    changed = changed_settings(checkpoint.get("config", {}), run.config, ignore=("resume", "run_dir", "alpha") + (
+        ("max_steps",) if run.s.budget_minutes is not None else ()))  # a budget's horizon: run_phase2 restores it
     saved_world = checkpoint.get("world_size", run.env.world_size)
     if changed or saved_world != run.env.world_size:
         say(f"note: settings changed since {path} (saved, now): {changed}"
