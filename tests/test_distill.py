@@ -572,6 +572,20 @@ def test_two_torchrun_processes_train_the_same_weights_as_one_process_with_twice
         assert any(not torch.equal(moved[k], a[k]) for k in a)  # the comparison covers trained weights
 
 
+def test_two_torchrun_processes_under_a_time_budget_stop_at_the_same_step(teacher_dir, data_dir, tmp_path):
+    """Each rank re-fits the horizon from its own clock; the all-reduce of their times makes it one horizon, or
+    a rank would wait for the other's next step forever (the timeout below)."""
+    run = str(tmp_path / "two")
+    cmd = torchrun("distill.py", 2, *distill_args(teacher_dir, data_dir, run, "--phases", "2", "--max-steps", "100000",
+                                                  "--warmup-steps", "4", "--checkpoint-every", "0",
+                                                  "--budget-minutes", "0.2"))
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **ENV}, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [r["step"] for r in records(run) if r["phase"] == 2 and "loss" in r]
+    assert [r for r in records(run) if r.get("event") == "budget"] and 4 <= steps[-1] < 100000
+    assert json.load(open(os.path.join(run, f"step_{steps[-1]:06d}.json")))["world_size"] == 2
+
+
 def test_bad_input_is_refused_before_any_work(teacher_dir, data_dir, tmp_path, bpe_tokenizer_dir, monkeypatch):
     def fails(*extra, data=data_dir):
         run = str(tmp_path / "run")
