@@ -348,19 +348,9 @@ def test_a_resumed_time_budgeted_run_keeps_its_horizon_its_time_and_its_weights(
     run_here(*distill_args(teacher_dir, data_dir, str(tmp_path / "straight"), *args))
     assert [step for step, _ in seen] == list(range(4, 13))  # from the end of the warmup, every step
     assert [r["max_steps"] for r in records(str(tmp_path / "straight")) if r.get("event") == "budget"] == [12]
-    calls, loss = [0], distill.phase2_loss
-
-    def crashing_loss(*a, **k):
-        calls[0] += 1
-        if calls[0] > 6:  # in step 7; the last checkpoint is step 6, saved after the horizon was set at step 4
-            raise RuntimeError("simulated crash")
-        return loss(*a, **k)
-
-    monkeypatch.setattr(distill, "phase2_loss", crashing_loss)
     resumed = distill_args(teacher_dir, data_dir, str(tmp_path / "resumed"), *args)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_here(*resumed)
-    monkeypatch.setattr(distill, "phase2_loss", loss)
+    # in step 7; the last checkpoint is step 6, saved after the horizon was set at step 4
+    run_until_phase2_crash(monkeypatch, resumed, after_calls=6)
     saved = torch.load(tmp_path / "resumed" / "step_000006.pt", weights_only=True)
     assert saved["budget_steps"] == 12 and saved["budget_elapsed"] > 0
     seen.clear()
@@ -402,6 +392,23 @@ def distill_args(teacher_dir, data_dir, run_dir, *extra):
 def run_here(*args):
     """distill.main() in this process, as `python distill.py ARGS` would run it (saves a subprocess start-up)."""
     distill.main([str(a) for a in args])
+
+
+def run_until_phase2_crash(monkeypatch, args, after_calls):
+    """run_here(ARGS) with phase 2's loss raising on its call after_calls + 1: a crash mid-step, after whatever
+    checkpoints came before it. The real loss is back afterwards."""
+    calls, loss = [0], distill.phase2_loss
+
+    def crashing_loss(*a, **k):
+        calls[0] += 1
+        if calls[0] > after_calls:
+            raise RuntimeError("simulated crash")
+        return loss(*a, **k)
+
+    monkeypatch.setattr(distill, "phase2_loss", crashing_loss)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_here(*args)
+    monkeypatch.setattr(distill, "phase2_loss", loss)
 
 
 def test_phase1_lowers_each_layer_loss_and_the_kl_and_phase2_lowers_the_kl_further(teacher_dir, data_dir, tmp_path):
@@ -483,19 +490,9 @@ def test_phase2_resumes_after_a_crash_with_the_same_weights_as_an_uninterrupted_
     args = ["--phases", "2", "--max-steps", "10", "--checkpoint-every", "4", "--top-k", "16", "--grad-accum", "2",
             "--data-order", order]
     run_here(*distill_args(teacher_dir, data_dir, str(tmp_path / "straight"), *args))
-    calls, loss = [0], distill.phase2_loss
-
-    def crashing_loss(*a, **k):
-        calls[0] += 1
-        if calls[0] > 13:  # in step 7 (two micro-batches a step); the last checkpoint is step 4
-            raise RuntimeError("simulated crash")
-        return loss(*a, **k)
-
-    monkeypatch.setattr(distill, "phase2_loss", crashing_loss)
     resumed = distill_args(teacher_dir, data_dir, str(tmp_path / "resumed"), *args)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_here(*resumed)
-    monkeypatch.setattr(distill, "phase2_loss", loss)
+    # in step 7 (two micro-batches a step); the last checkpoint is step 4
+    run_until_phase2_crash(monkeypatch, resumed, after_calls=13)
     run_here(*resumed, "--resume")
     a, b = (torch.load(tmp_path / run / "step_000010.pt", weights_only=True) for run in ("straight", "resumed"))
     for k in a["model"]:
