@@ -726,6 +726,15 @@ def test_phase1_trains_only_the_windowed_layers_when_attention_is_all_that_chang
     assert distill.phase1_layers(settings("--window", "4"), halved) == [0, 1, 2]  # new MLPs everywhere
 
 
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(os.path.join(REPO, "configs"))
+                                         if f.startswith("distill_") and f.endswith(".yaml")))
+def test_every_shipped_distill_config_passes_distills_own_checks(monkeypatch, name):
+    monkeypatch.chdir(REPO)  # configs name their files (a selection ranking) relative to the repo root
+    settings, _ = distill.read_settings(["--config", os.path.join("configs", name)])
+    if name in ("distill_smollm2_cpu_30min.yaml", "distill_smollm2_seed_cpu_30min.yaml"):  # timed as budgets (README)
+        assert settings.budget_minutes is not None and settings.budget_minutes <= 30
+
+
 def test_the_hybrid_cpu_recipe_takes_its_full_layers_from_the_shipped_ranking(monkeypatch):
     monkeypatch.chdir(REPO)  # the config names the ranking relative to the repo root
     settings, _ = distill.read_settings(["--config", "configs/distill_smollm2_hybrid_cpu_30min.yaml"])
