@@ -350,7 +350,7 @@ def test_a_resumed_time_budgeted_run_keeps_its_horizon_its_time_and_its_weights(
     assert [r["max_steps"] for r in records(str(tmp_path / "straight")) if r.get("event") == "budget"] == [12]
     resumed = distill_args(teacher_dir, data_dir, str(tmp_path / "resumed"), *args)
     # in step 7; the last checkpoint is step 6, saved after the horizon was set at step 4
-    run_until_phase2_crash(monkeypatch, resumed, after_calls=6)
+    run_until_crash(monkeypatch, resumed, "phase2_loss", after_calls=6)
     saved = torch.load(tmp_path / "resumed" / "step_000006.pt", weights_only=True)
     assert saved["budget_steps"] == 12 and saved["budget_elapsed"] > 0
     seen.clear()
@@ -394,21 +394,21 @@ def run_here(*args):
     distill.main([str(a) for a in args])
 
 
-def run_until_phase2_crash(monkeypatch, args, after_calls):
-    """run_here(ARGS) with phase 2's loss raising on its call after_calls + 1: a crash mid-step, after whatever
-    checkpoints came before it. The real loss is back afterwards."""
-    calls, loss = [0], distill.phase2_loss
+def run_until_crash(monkeypatch, args, function, after_calls):
+    """run_here(ARGS) with distill.FUNCTION (phase2_loss, layer_step) raising on its call after_calls + 1: a crash
+    mid-step, after whatever checkpoints came before it. The real function is back afterwards."""
+    calls, real = [0], getattr(distill, function)
 
-    def crashing_loss(*a, **k):
+    def crashing(*a, **k):
         calls[0] += 1
         if calls[0] > after_calls:
             raise RuntimeError("simulated crash")
-        return loss(*a, **k)
+        return real(*a, **k)
 
-    monkeypatch.setattr(distill, "phase2_loss", crashing_loss)
+    monkeypatch.setattr(distill, function, crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_here(*args)
-    monkeypatch.setattr(distill, "phase2_loss", loss)
+    monkeypatch.setattr(distill, function, real)
 
 
 def test_phase1_lowers_each_layer_loss_and_the_kl_and_phase2_lowers_the_kl_further(teacher_dir, data_dir, tmp_path):
@@ -459,18 +459,7 @@ def test_resume_mid_rotation_ends_with_the_same_weights_as_an_uninterrupted_run(
     run_here(*distill_args(teacher_dir, data_dir, straight, *common_args))
     resumed = str(tmp_path / "resumed")
     args = distill_args(teacher_dir, data_dir, resumed, *common_args)
-    calls, layer_step = [0], distill.layer_step
-
-    def crashing_step(*a, **k):
-        calls[0] += 1
-        if calls[0] > crash_after:
-            raise RuntimeError("simulated crash")
-        return layer_step(*a, **k)
-
-    monkeypatch.setattr(distill, "layer_step", crashing_step)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_here(*args)
-    monkeypatch.setattr(distill, "layer_step", layer_step)
+    run_until_crash(monkeypatch, args, "layer_step", after_calls=crash_after)
     assert not os.path.exists(os.path.join(resumed, "final.pt"))
     capsys.readouterr()
     run_here(*args, "--resume")
@@ -492,7 +481,7 @@ def test_phase2_resumes_after_a_crash_with_the_same_weights_as_an_uninterrupted_
     run_here(*distill_args(teacher_dir, data_dir, str(tmp_path / "straight"), *args))
     resumed = distill_args(teacher_dir, data_dir, str(tmp_path / "resumed"), *args)
     # in step 7 (two micro-batches a step); the last checkpoint is step 4
-    run_until_phase2_crash(monkeypatch, resumed, after_calls=13)
+    run_until_crash(monkeypatch, resumed, "phase2_loss", after_calls=13)
     run_here(*resumed, "--resume")
     a, b = (torch.load(tmp_path / run / "step_000010.pt", weights_only=True) for run in ("straight", "resumed"))
     for k in a["model"]:
