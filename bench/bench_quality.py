@@ -43,6 +43,8 @@ def austen_documents(deb):
 
     root = os.path.join(OUT, "janeaustenr")
     if not os.path.isdir(root):
+        os.makedirs(OUT, exist_ok=True)  # a fresh clone has no bench/out; dpkg-deb makes only the last folder
+        shutil.rmtree(root + ".tmp", ignore_errors=True)  # a half-extracted tree from an interrupted run
         subprocess.run(["dpkg-deb", "-x", deb, root + ".tmp"], check=True)
         os.replace(root + ".tmp", root)
     prefix = os.path.join(root, "usr/lib/R/site-library/janeaustenr/data/Rdata")
