@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import losses  # noqa: E402
 import runtime  # noqa: E402
-from model import GPT, GPTConfig  # noqa: E402
+from bench_distill import smollm2_teacher  # noqa: E402
 from student import build_student, phase2_target, set_trainable, student_config  # noqa: E402
 
 RECIPE = os.path.join(REPO, "configs", "distill_smollm2_cpu_30min.yaml")
@@ -38,8 +38,7 @@ def child(variant, steps):
         runtime.keep_freed_memory()
     with open(RECIPE) as f:
         recipe = yaml.safe_load(f)
-    torch.manual_seed(0)
-    teacher = GPT(GPTConfig()).init_weights().eval().requires_grad_(False)  # GPTConfig's defaults: SmolLM2-135M
+    teacher = smollm2_teacher()
     config = student_config(teacher.config, recipe["mlp_kind"], recipe["mlp_hidden"], recipe["mlp_layers"])
     student, _ = build_student(teacher, config)
     params = set_trainable(student, phase2_target(student, recipe["train_params"]))
