@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from model import matmul
+
 
 def default_chunk_rows(vocab_size):
     return max(1, 2 ** 25 // vocab_size)  # ~128 MiB of fp32 logits per chunk
@@ -102,7 +104,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             h, t, ok = hidden[rows], targets[rows], valid[rows]
-            logits = (h @ weight.t()).float()
+            logits = matmul(h, weight.t()).float()
             safe_t = t.clamp(min=0)
             log_z = torch.logsumexp(logits, dim=-1)
             sums[0] += ((log_z - logits.gather(1, safe_t[:, None]).squeeze(1)) * ok).sum()
@@ -149,9 +151,9 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 del kd_grad
             g = g.to(weight.dtype)
             if need_hidden_grad:
-                grad_hidden[rows] = (g @ weight.to(g.dtype)).to(hidden.dtype)
+                grad_hidden[rows] = matmul(g, weight.to(g.dtype)).to(hidden.dtype)
             if need_weight_grad:
-                grad_weight += (g.t() @ h.to(g.dtype)).float()
+                grad_weight += matmul(g.t(), h.to(g.dtype)).float()
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         ce_mean, kd_mean = sums[0] / n_valid, sums[1] / n_valid
         ctx.mark_non_differentiable(ce_mean, kd_mean)
@@ -169,7 +171,7 @@ def live_teacher_logits(teacher, rows):
     """One chunk's fp32 logits of the live teacher ("live", its hidden states, its head weight)."""
     _, hidden, weight = teacher
     with torch.no_grad():
-        return (hidden[rows] @ weight.t()).float()
+        return matmul(hidden[rows], weight.t()).float()
 
 
 def teacher_target_logprob(teacher, rows, targets):
@@ -250,12 +252,12 @@ def evaluate(model, batches, env, ctx, *, chunk_rows=1024, teacher=None, teacher
             rows = slice(start, start + chunk_rows)
             ok = y[rows] != -100  # SFT data: only the assistant's tokens count
             with ctx:
-                ls = (hs[rows] @ model.lm_head.weight.t()).float()
+                ls = matmul(hs[rows], model.lm_head.weight.t()).float()
             sums[0] += F.cross_entropy(ls, y[rows], reduction="sum").double()
             sums[4] += ok.sum()
             if teacher is not None:
                 with ctx:
-                    lt = (ht[rows] @ teacher.lm_head.weight.t()).float()
+                    lt = matmul(ht[rows], teacher.lm_head.weight.t()).float()
                 sums[1] += F.cross_entropy(lt, y[rows], reduction="sum").double()
                 sums[3] += ((ls.argmax(-1) == lt.argmax(-1)) & ok).sum().double()
                 sums[2] += (kl_full_and_teacher_probs(ls, lt)[0] * ok).sum().double()  # overwrites lt

@@ -14,6 +14,57 @@ import torch.nn.functional as F
 
 MLP_KINDS = ("swiglu", "relu2", "gelu", "silu")
 
+# fp32 matmuls on CPU go through oneDNN (shipped inside torch), which picks its kernels by the CPU's instruction
+# set; torch's default CPU BLAS (MKL, in the x86 wheels) takes an AVX2-only path on AMD CPUs. On this repo's
+# 2-core AVX-512 EPYC the model's matmuls ran ~2x faster through oneDNN, equal to fp32 rounding (README,
+# bench/bench_cpu_matmul.py). Set False to use torch's default everywhere.
+CPU_ONEDNN_MATMUL = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def matmul(a, b):
+    """a @ b for a 2-D `b`: fp32 CPU tensors through oneDNN (CPU_ONEDNN_MATMUL) where no autograd graph is
+    needed (`linear` carries its own backward), anything else through torch's `@`."""
+    if (CPU_ONEDNN_MATMUL and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and b.dim() == 2
+            and a.numel() and b.numel() and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")  # strided views are fine
+    return a @ b
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """x @ weight.T with its two backward matmuls through `matmul`; weight's gradient only when it trains."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return matmul(x, weight.t())
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = matmul(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = matmul(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
+        return grad_x, grad_weight
+
+
+def linear(x, weight):
+    """F.linear without bias, through oneDNN for fp32 CPU tensors (CPU_ONEDNN_MATMUL)."""
+    if (CPU_ONEDNN_MATMUL and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+            return OneDNNLinear.apply(x, weight)
+        return matmul(x, weight.t())
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias here) whose forward is `linear`: the same parameters and state-dict keys."""
+
+    def forward(self, x):
+        return linear(x, self.weight) if self.bias is None else super().forward(x)
+
 
 @dataclass
 class GPTConfig:
@@ -236,8 +287,8 @@ class Attention(nn.Module):
         self.window, self.sparse, self.sink = window, sparse, config.sink_tokens
         if value_embed:  # from 0: the value embedding enters as the gate learns, so at init v is unchanged
             self.value_gate = nn.Parameter(torch.zeros(()))
-        self.qkv = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
-        self.proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self.qkv = Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=False)
+        self.proj = Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
         self.mask_cache = {}
 
     def forward(self, x, cos, sin, cache=None, mask=None, ve=None):
@@ -280,7 +331,7 @@ class SwiGLUDown(torch.autograd.Function):
     def forward(ctx, gate_up, weight):
         gate, up = gate_up.chunk(2, dim=-1)
         ctx.save_for_backward(gate_up, weight)
-        return F.linear(F.silu(gate) * up, weight)  # under autocast this runs in the autocast dtype
+        return linear(F.silu(gate) * up, weight)  # under autocast this runs in the autocast dtype
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -290,8 +341,8 @@ class SwiGLUDown(torch.autograd.Function):
         silu = gate * sig
         h = (silu * up).to(gate_up.dtype)
         grad_out = grad_out.to(gate_up.dtype)
-        grad_weight = grad_out.reshape(-1, grad_out.shape[-1]).t() @ h.reshape(-1, h.shape[-1])
-        grad_h = (grad_out @ weight.to(gate_up.dtype)).float()
+        grad_weight = matmul(grad_out.reshape(-1, grad_out.shape[-1]).t(), h.reshape(-1, h.shape[-1]))
+        grad_h = matmul(grad_out, weight.to(gate_up.dtype)).float()
         grad_gate = grad_h * up * sig * (1 + gate * (1 - sig))
         return torch.cat((grad_gate, grad_h * silu), dim=-1).to(gate_up.dtype), grad_weight.to(weight.dtype)
 
@@ -299,8 +350,8 @@ class SwiGLUDown(torch.autograd.Function):
 class SwiGLU(nn.Module):
     def __init__(self, n_embd, hidden):
         super().__init__()
-        self.gate_up = nn.Linear(n_embd, 2 * hidden, bias=False)  # one matmul for gate and up
-        self.down = nn.Linear(hidden, n_embd, bias=False)
+        self.gate_up = Linear(n_embd, 2 * hidden, bias=False)  # one matmul for gate and up
+        self.down = Linear(hidden, n_embd, bias=False)
 
     def hidden(self, x):
         """The activations `down` reads: silu(gate) * up."""
@@ -316,8 +367,8 @@ class SwiGLU(nn.Module):
 class PlainMLP(nn.Module):
     def __init__(self, n_embd, hidden, activation):
         super().__init__()
-        self.up = nn.Linear(n_embd, hidden, bias=False)
-        self.down = nn.Linear(hidden, n_embd, bias=False)
+        self.up = Linear(n_embd, hidden, bias=False)
+        self.down = Linear(hidden, n_embd, bias=False)
         self.activation = activation
 
     def hidden(self, x):
@@ -442,7 +493,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         # Zeros until init_weights, and registered last: a seed gives the plain model's weights plus the options'.
