@@ -32,10 +32,8 @@ from student import build_student, phase2_target, set_trainable, student_config 
 RECIPE = os.path.join(REPO, "configs", "distill_smollm2_cpu_30min.yaml")
 
 
-def child(variant, steps):
-    """One process: `steps` timed phase-2 steps (after one warm-up step) under `variant`'s malloc settings."""
-    if variant == "kept":
-        runtime.keep_freed_memory()
+def recipe_step():
+    """The shipped CPU recipe's phase-2 step with random weights, as a function that runs one step."""
     with open(RECIPE) as f:
         recipe = yaml.safe_load(f)
     teacher = smollm2_teacher()
@@ -45,9 +43,8 @@ def child(variant, steps):
     optimizer = torch.optim.AdamW(params, lr=recipe["lr"])
     x = torch.randint(0, config.vocab_size, (recipe["batch_size"], recipe["seq_len"]))
     y = torch.randint(0, config.vocab_size, (recipe["batch_size"], recipe["seq_len"]))
-    seconds = []
-    for step in range(steps + 1):
-        t0 = time.perf_counter()
+
+    def step():
         hidden = student(x).flatten(0, 1)
         with torch.no_grad():
             teacher_side = (teacher(x).flatten(0, 1), teacher.lm_head.weight)
@@ -55,9 +52,27 @@ def child(variant, steps):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step > 0:  # the first step pays for first-touch allocations in both variants
-            seconds.append(time.perf_counter() - t0)
-    print(json.dumps({"variant": variant, "step_seconds": statistics.median(seconds), "steps": steps,
+    return step
+
+
+def time_steps(step, steps):
+    """Median seconds of `steps` calls of `step`, after one warm-up call (the first pays for first-touch
+    allocations in every variant)."""
+    step()
+    seconds = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds)
+
+
+def child(variant, steps):
+    """One process: `steps` timed phase-2 steps (after one warm-up step) under `variant`'s malloc settings."""
+    if variant == "kept":
+        runtime.keep_freed_memory()
+    seconds = time_steps(recipe_step(), steps)
+    print(json.dumps({"variant": variant, "step_seconds": seconds, "steps": steps,
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                       "threads": torch.get_num_threads()}))
 

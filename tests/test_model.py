@@ -292,6 +292,65 @@ def test_swiglu_recompute_matches_plain_autograd():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_cpu_matmuls_go_through_onednn_on_this_torch():
+    """The CPU path's speed (README Performance) rests on it: a torch build without the op would fall back
+    silently."""
+    import model
+
+    assert model.CPU_ONEDNN_MATMUL
+
+
+@pytest.mark.parametrize("shape", [(7, 24), (2, 5, 24)])
+@pytest.mark.parametrize("weight_trains", [True, False])
+def test_linear_forward_and_gradients_match_fp64_autograd(shape, weight_trains):
+    from model import linear
+
+    torch.manual_seed(0)
+    x64, w64 = torch.randn(*shape, dtype=torch.float64), torch.randn(40, 24, dtype=torch.float64)
+    upstream = torch.randn(*shape[:-1], 40, dtype=torch.float64)
+    x, w = x64.float().requires_grad_(), w64.float().requires_grad_(weight_trains)
+    x64.requires_grad_(), w64.requires_grad_(weight_trains)
+    out, reference = linear(x, w), F.linear(x64, w64)
+    (out * upstream.float()).sum().backward()
+    (reference * upstream).sum().backward()
+    assert out.dtype == torch.float32 and out.grad_fn is not None
+    torch.testing.assert_close(out.double(), reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+    assert (w.grad is None) == (not weight_trains)
+    if weight_trains:
+        torch.testing.assert_close(w.grad.double(), w64.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_matmul_takes_strided_operands_and_keeps_autograd():
+    from model import matmul
+
+    torch.manual_seed(0)
+    a, b = torch.randn(24, 9).t(), torch.randn(33, 24).t()  # both transposed views
+    torch.testing.assert_close(matmul(a, b).double(), a.double() @ b.double(), atol=1e-5, rtol=1e-5)
+    a.requires_grad_()  # a graph is needed: torch's own matmul, with its backward
+    out = matmul(a, b)
+    out.sum().backward()
+    torch.testing.assert_close(a.grad, torch.ones(9, 33) @ b.t())
+
+
+def test_model_gradients_are_the_same_with_and_without_onednn(monkeypatch):
+    import model
+
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(vocab_size=96, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, head_dim=8, mlp_hidden=48,
+                        mlp_kind=["swiglu", "relu2"])).init_weights()
+    idx = torch.randint(0, 96, (2, 12))
+    grads = []
+    for onednn in (True, False):
+        monkeypatch.setattr(model, "CPU_ONEDNN_MATMUL", onednn)
+        gpt.zero_grad()
+        loss, _, _ = head_loss(gpt(idx).flatten(0, 1), gpt.lm_head.weight, idx.roll(-1, 1).flatten())
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in gpt.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 REFERENCE_ACTIVATIONS = {
     "relu2": lambda h: F.relu(h) ** 2,
     "gelu": lambda h: 0.5 * h * (1 + torch.erf(h / 2 ** 0.5)),  # the exact (erf) GELU, not the tanh one
