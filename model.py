@@ -21,12 +21,18 @@ MLP_KINDS = ("swiglu", "relu2", "gelu", "silu")
 CPU_ONEDNN_MATMUL = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_applies(*tensors):
+    """Whether a matmul of `tensors` goes through oneDNN: fp32 CPU tensors, not under autocast or torch.compile
+    (which keep torch's own path)."""
+    return (CPU_ONEDNN_MATMUL and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
 def matmul(a, b):
-    """a @ b for a 2-D `b`: fp32 CPU tensors through oneDNN (CPU_ONEDNN_MATMUL) where no autograd graph is
-    needed (`linear` carries its own backward), anything else through torch's `@`."""
-    if (CPU_ONEDNN_MATMUL and a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and b.dim() == 2
-            and a.numel() and b.numel() and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+    """a @ b, through oneDNN where `onednn_applies` and no autograd graph is needed (`linear` carries its own
+    backward); anything else through torch's `@`."""
+    if (onednn_applies(a, b) and a.dim() >= 2 and b.dim() == 2 and a.numel() and b.numel()
+            and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad))):
         return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")  # strided views are fine
     return a @ b
 
@@ -50,9 +56,8 @@ class OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x, weight):
-    """F.linear without bias, through oneDNN for fp32 CPU tensors (CPU_ONEDNN_MATMUL)."""
-    if (CPU_ONEDNN_MATMUL and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+    """F.linear without bias, through oneDNN where `onednn_applies`."""
+    if onednn_applies(x, weight):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return OneDNNLinear.apply(x, weight)
         return matmul(x, weight.t())
