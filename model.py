@@ -6,6 +6,7 @@ The forward pass returns the final normed hidden states; `logits` applies the LM
 losses.py, which applies the head a chunk of tokens at a time so the whole batch's fp32 logits never exist.
 Loading and exporting Hugging Face / GGUF weights lives in hf_interop.py."""
 import math
+import os
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -17,8 +18,9 @@ MLP_KINDS = ("swiglu", "relu2", "gelu", "silu")
 # fp32 matmuls on CPU go through oneDNN (shipped inside torch), which picks its kernels by the CPU's instruction
 # set; torch's default CPU BLAS (MKL, in the x86 wheels) takes an AVX2-only path on AMD CPUs. On this repo's
 # 2-core AVX-512 EPYC the model's matmuls ran ~2x faster through oneDNN, equal to fp32 rounding (README,
-# bench/bench_cpu_matmul.py). Set False to use torch's default everywhere.
-CPU_ONEDNN_MATMUL = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# bench/bench_cpu_matmul.py). CPU_ONEDNN_MATMUL=0 in the environment (or False here) keeps torch's default.
+CPU_ONEDNN_MATMUL = (os.environ.get("CPU_ONEDNN_MATMUL", "1") != "0" and torch.backends.mkldnn.is_available()
+                     and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def onednn_applies(*tensors):
