@@ -77,6 +77,21 @@ def child(variant, steps):
                       "threads": torch.get_num_threads()}))
 
 
+def alternate_children(script, variants, rounds, steps, describe=lambda r: ""):
+    """Run `script --child VARIANT --steps N` once per variant in each of `rounds` rounds, alternating, since this
+    machine's speed drifts within minutes; each child prints one JSON line last. Returns {variant: [results]}."""
+    results = {v: [] for v in variants}
+    for round_ in range(rounds):
+        for variant in variants:
+            proc = subprocess.run([sys.executable, script, "--child", variant, "--steps", str(steps)],
+                                  capture_output=True, text=True, check=True)
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[variant].append(r)
+            print(f"  round {round_}: {variant:7s} {r['step_seconds']:.3f} s/step (median of {r['steps']}) | "
+                  f"{describe(r)}{r['threads']} threads", flush=True)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="alternating (default, kept) pairs of child processes")
@@ -86,15 +101,8 @@ def main():
     if args.child:
         child(args.child, args.steps)
         return
-    results = {"default": [], "kept": []}
-    for round_ in range(args.rounds):
-        for variant in results:
-            proc = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(args.steps)],
-                                  capture_output=True, text=True, check=True)
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[variant].append(r)
-            print(f"  round {round_}: {variant:7s} {r['step_seconds']:.3f} s/step (median of {r['steps']}) | peak RSS "
-                  f"{r['peak_rss_bytes'] / 2**30:.2f} GiB | {r['threads']} threads", flush=True)
+    results = alternate_children(__file__, ["default", "kept"], args.rounds, args.steps,
+                                 lambda r: f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB | ")
     step = {v: statistics.median(r["step_seconds"] for r in rs) for v, rs in results.items()}
     rss = {v: max(r["peak_rss_bytes"] for r in rs) for v, rs in results.items()}
     print(f"CPU phase-2 step (the 30-minute recipe's shape): glibc defaults {step['default']:.3f} s, freed memory "

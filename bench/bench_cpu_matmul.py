@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -26,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import model  # noqa: E402
 import runtime  # noqa: E402
-from bench_allocator import recipe_step, time_steps  # noqa: E402
+from bench_allocator import alternate_children, recipe_step, time_steps  # noqa: E402
 
 # (name, rows, inner, cols) of A (rows x inner) @ B (inner x cols); "T" marks a B that is a transposed weight
 SHAPES = [("qkv forward", 512, 576, 960, "T"), ("attention out forward", 512, 576, 576, "T"),
@@ -80,15 +79,7 @@ def main():
         sys.exit("this torch build has no oneDNN linear op (torch.ops.mkldnn._linear_pointwise): nothing to compare")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {torch.backends.cpu.get_cpu_capability()}")
     shape_table()
-    results = {"torch": [], "onednn": []}
-    for round_ in range(args.rounds):
-        for variant in results:
-            proc = subprocess.run([sys.executable, __file__, "--child", variant, "--steps", str(args.steps)],
-                                  capture_output=True, text=True, check=True)
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
-            results[variant].append(r)
-            print(f"  round {round_}: {variant:6s} {r['step_seconds']:.3f} s/step (median of {r['steps']}) | "
-                  f"{r['threads']} threads", flush=True)
+    results = alternate_children(__file__, ["torch", "onednn"], args.rounds, args.steps)
     step = {v: statistics.median(r["step_seconds"] for r in rs) for v, rs in results.items()}
     print(f"CPU phase-2 step (the 30-minute recipe's shape): torch's default matmuls {step['torch']:.3f} s, oneDNN "
           f"{step['onednn']:.3f} s ({step['torch'] / step['onednn']:.2f}x faster); medians over {args.rounds} "
